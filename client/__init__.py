@@ -1,0 +1,44 @@
+"""A typed Python client of cbam-serve, blocking (Client) and asyncio (AsyncClient).
+
+    from client import Client
+    with Client("localhost:50051") as c:
+        p = c.classify("cat.png", top_k=3, attention="spatial")
+        p.labels       # [LabelScore(index, name, probability), ...]
+        p.attention    # {"layer1.0": {"spatial": np.ndarray (H, W)}, ...}
+"""
+
+from ._async import AsyncClient
+from ._channel import TlsConfig, build_target
+from ._errors import (
+    AuthenticationError,
+    CbamError,
+    DeadlineExceededError,
+    InvalidArgumentError,
+    OverloadedError,
+    UnavailableError,
+)
+from ._images import ImageInput
+from ._retry import RetryPolicy
+from ._sync import Client
+from ._types import BatchingInfo, LabelScore, ModelInfo, Prediction, StreamResult, Timings
+
+__all__ = [
+    "AsyncClient",
+    "AuthenticationError",
+    "BatchingInfo",
+    "CbamError",
+    "Client",
+    "DeadlineExceededError",
+    "ImageInput",
+    "InvalidArgumentError",
+    "LabelScore",
+    "ModelInfo",
+    "OverloadedError",
+    "Prediction",
+    "RetryPolicy",
+    "StreamResult",
+    "Timings",
+    "TlsConfig",
+    "UnavailableError",
+    "build_target",
+]

@@ -1,0 +1,183 @@
+"""The asyncio client: the same calls as Client, awaited."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
+
+import grpc
+from cbam.v1 import inference_pb2, inference_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from ._base import ClientBase, RequestOptions, StreamState, remaining
+from ._errors import CbamError, error_from_rpc
+from ._images import ImageInput
+from ._messages import AttentionArg, FormatArg, to_model_info, to_prediction
+from ._types import ModelInfo, Prediction, StreamResult
+
+__all__ = ["AsyncClient"]
+
+
+class AsyncClient(ClientBase):
+    """An asyncio client of cbam-serve; takes the same arguments as Client.
+
+        async with AsyncClient("localhost:50051") as client:
+            prediction = await client.classify("cat.png", top_k=3)
+
+    Create it inside the event loop that will use it.
+    """
+
+    def __init__(self, target: str | Sequence[str] = "localhost:50051", **kwargs) -> None:
+        super().__init__(target, **kwargs)
+        if self._tls is None:
+            self._channel = grpc.aio.insecure_channel(self.target, options=self._settings.options())
+        else:
+            self._channel = grpc.aio.secure_channel(
+                self.target, self._tls.credentials(), options=self._settings.options()
+            )
+        self._stub = inference_pb2_grpc.InferenceServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the channel; calls in flight are cancelled."""
+        await self._channel.close()
+
+    async def classify(
+        self,
+        image: ImageInput,
+        *,
+        top_k: int = 0,
+        attention: AttentionArg | None = None,
+        attention_blocks: Sequence[str] | None = None,
+        attention_format: FormatArg = "float16",
+        request_id: str = "",
+        timeout: float | None = None,
+    ) -> Prediction:
+        """Classify one image; see Client.classify."""
+        options = RequestOptions(top_k, attention, attention_blocks, attention_format)
+        if isinstance(image, (str, os.PathLike)):
+            request = await asyncio.to_thread(options.build, image, request_id)  # file reads off the loop
+        else:
+            request = options.build(image, request_id)
+        return to_prediction(await self._unary(self._stub.Classify, request, timeout))
+
+    async def classify_stream(
+        self,
+        images: Iterable[ImageInput] | AsyncIterable[ImageInput],
+        *,
+        top_k: int = 0,
+        attention: AttentionArg | None = None,
+        attention_blocks: Sequence[str] | None = None,
+        attention_format: FormatArg = "float16",
+        max_inflight: int = 32,
+        timeout: float | None = None,
+    ) -> AsyncIterator[StreamResult]:
+        """Classify many images over one stream, yielding results as they finish; see Client.classify_stream.
+
+        `images` may be an iterable or an async iterable.
+        """
+        if max_inflight < 1:
+            raise ValueError(f"max_inflight should be >= 1, got {max_inflight}")
+        if isinstance(images, AsyncIterable):
+            images = [image async for image in images]
+        state = StreamState(RequestOptions(top_k, attention, attention_blocks, attention_format))
+        source = enumerate(images)
+        deadline = self._deadline(timeout, None)
+        attempt = 1
+        while True:
+            window = asyncio.Semaphore(max_inflight)
+            closed = asyncio.Event()
+            call = self._stub.ClassifyStream(
+                self._requests(state, source, window, closed),
+                timeout=remaining(deadline),
+                metadata=self._metadata,
+            )
+            try:
+                async for response in call:
+                    result = state.answer(response)
+                    for failure in state.pending_failures():
+                        yield failure
+                    if result is not None:
+                        window.release()
+                        attempt = 1
+                        yield result
+                closed.set()
+                for failure in state.pending_failures() + state.unanswered_failures():
+                    yield failure
+                return
+            except grpc.RpcError as exc:
+                error = error_from_rpc(exc)
+            finally:
+                closed.set()
+                call.cancel()
+            state.prepare_resume()
+            for failure in state.pending_failures():
+                yield failure
+            delay = self._retry_delay(error, attempt, deadline)
+            if delay is None:
+                raise error
+            await asyncio.sleep(delay)
+            attempt += 1
+
+    async def classify_many(
+        self,
+        images: Iterable[ImageInput] | AsyncIterable[ImageInput],
+        *,
+        return_exceptions: bool = False,
+        **kwargs,
+    ) -> list[Prediction | CbamError]:
+        """Classify many images over one stream, predictions in input order; see Client.classify_many."""
+        results: dict[int, Prediction | CbamError] = {}
+        stream = self.classify_stream(images, **kwargs)
+        try:
+            async for result in stream:
+                if result.error is not None and not return_exceptions:
+                    raise result.error
+                results[result.index] = result.prediction if result.error is None else result.error
+        finally:
+            await stream.aclose()
+        return [results[index] for index in sorted(results)]
+
+    async def model_info(self, *, timeout: float | None = None) -> ModelInfo:
+        """What the server is serving; see Client.model_info."""
+        request = inference_pb2.GetModelInfoRequest()
+        return to_model_info(await self._unary(self._stub.GetModelInfo, request, timeout))
+
+    async def health(self, service: str = "", *, timeout: float | None = None) -> str:
+        """The serving status of `service` ("" is the whole server): "SERVING", "NOT_SERVING", ..."""
+        request = health_pb2.HealthCheckRequest(service=service)
+        response = await self._unary(self._health.Check, request, timeout)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+    async def _unary(self, method, request, timeout: float | None):
+        deadline = self._deadline(timeout, self.timeout)
+        attempt = 1
+        while True:
+            try:
+                return await method(request, timeout=remaining(deadline), metadata=self._metadata)
+            except grpc.RpcError as exc:
+                error = error_from_rpc(exc)
+                delay = self._retry_delay(error, attempt, deadline)
+                if delay is None:
+                    raise error from None
+            await asyncio.sleep(delay)
+            attempt += 1
+
+    @staticmethod
+    async def _requests(state: StreamState, source, window: asyncio.Semaphore, closed: asyncio.Event):
+        while not closed.is_set():
+            await window.acquire()
+            if closed.is_set():
+                return
+            request = state.next_request(source)
+            if request is None:
+                return
+            yield request
+

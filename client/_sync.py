@@ -1,0 +1,195 @@
+"""The blocking client."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+
+import grpc
+from cbam.v1 import inference_pb2, inference_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from ._base import ClientBase, RequestOptions, StreamState, remaining
+from ._errors import CbamError, error_from_rpc
+from ._images import ImageInput
+from ._messages import AttentionArg, FormatArg, to_model_info, to_prediction
+from ._types import ModelInfo, Prediction, StreamResult
+
+__all__ = ["Client"]
+
+
+class Client(ClientBase):
+    """A blocking client of cbam-serve.
+
+        with Client("localhost:50051") as client:
+            prediction = client.classify("cat.png", top_k=3, attention="spatial")
+
+    `target` is "host:port", a gRPC URI ("dns:///name:port"), or several addresses (a list, or
+    comma-separated) to balance over with round_robin. `timeout` is the default deadline of unary calls in
+    seconds (streams have none unless given). Calls failing with UNAVAILABLE or RESOURCE_EXHAUSTED are
+    retried as `retry` says. `token` is sent as "authorization: Bearer <token>"; `tls` turns on TLS.
+    """
+
+    def __init__(self, target: str | Sequence[str] = "localhost:50051", **kwargs) -> None:
+        super().__init__(target, **kwargs)
+        if self._tls is None:
+            self._channel = grpc.insecure_channel(self.target, options=self._settings.options())
+        else:
+            self._channel = grpc.secure_channel(
+                self.target, self._tls.credentials(), options=self._settings.options()
+            )
+        self._stub = inference_pb2_grpc.InferenceServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the channel; calls in flight are cancelled."""
+        self._channel.close()
+
+    def classify(
+        self,
+        image: ImageInput,
+        *,
+        top_k: int = 0,
+        attention: AttentionArg | None = None,
+        attention_blocks: Sequence[str] | None = None,
+        attention_format: FormatArg = "float16",
+        request_id: str = "",
+        timeout: float | None = None,
+    ) -> Prediction:
+        """Classify one image: a path, encoded bytes, a PIL image or a NumPy array.
+
+        top_k 0 lets the server choose (5). attention: None, "channel", "spatial" or "both", for every
+        block or the `attention_blocks` named; maps come back as float32 arrays whichever format carried
+        them. Raises a CbamError subclass when the call fails.
+        """
+        options = RequestOptions(top_k, attention, attention_blocks, attention_format)
+        request = options.build(image, request_id)
+        return to_prediction(self._unary(self._stub.Classify, request, timeout))
+
+    def classify_stream(
+        self,
+        images: Iterable[ImageInput],
+        *,
+        top_k: int = 0,
+        attention: AttentionArg | None = None,
+        attention_blocks: Sequence[str] | None = None,
+        attention_format: FormatArg = "float16",
+        max_inflight: int = 32,
+        timeout: float | None = None,
+    ) -> Iterator[StreamResult]:
+        """Classify many images over one stream, yielding a StreamResult per image as each finishes.
+
+        Results come in completion order; `StreamResult.index` is the image's position in `images`. A
+        failed image (unreadable here or rejected by the server) yields a result with `error` set and the
+        stream goes on. At most `max_inflight` images are on the wire at once, and `images` is read
+        lazily. If the stream breaks with a retryable status, the unanswered images are sent again on a
+        new stream. `timeout` bounds the whole stream. Raises CbamError if the stream itself fails.
+        """
+        if max_inflight < 1:
+            raise ValueError(f"max_inflight should be >= 1, got {max_inflight}")
+        state = StreamState(RequestOptions(top_k, attention, attention_blocks, attention_format))
+        source = enumerate(images)
+        deadline = self._deadline(timeout, None)
+        lock = threading.Lock()
+        attempt = 1
+        while True:
+            window = threading.Semaphore(max_inflight)
+            closed = threading.Event()
+            requests = self._requests(state, source, lock, window, closed)
+            call = self._stub.ClassifyStream(requests, timeout=remaining(deadline), metadata=self._metadata)
+            try:
+                for response in call:
+                    with lock:
+                        result = state.answer(response)
+                        failures = state.pending_failures()
+                    yield from failures
+                    if result is not None:
+                        window.release()
+                        attempt = 1  # progress: a later break is a new failure with its own retries
+                        yield result
+                with lock:
+                    closed.set()
+                    failures = state.pending_failures() + state.unanswered_failures()
+                yield from failures
+                return
+            except grpc.RpcError as exc:
+                error = error_from_rpc(exc)
+            finally:
+                closed.set()
+                call.cancel()  # no-op once finished; stops the call if the caller stopped iterating
+            with lock:
+                state.prepare_resume()
+                failures = state.pending_failures()
+            yield from failures
+            delay = self._retry_delay(error, attempt, deadline)
+            if delay is None:
+                raise error
+            time.sleep(delay)
+            attempt += 1
+
+    def classify_many(
+        self,
+        images: Iterable[ImageInput],
+        *,
+        return_exceptions: bool = False,
+        **kwargs,
+    ) -> list[Prediction | CbamError]:
+        """Classify many images over one stream and return their predictions in input order.
+
+        A failed image raises its CbamError, or with return_exceptions=True takes its place in the list.
+        Takes the keyword arguments of classify_stream.
+        """
+        results: dict[int, Prediction | CbamError] = {}
+        for result in self.classify_stream(images, **kwargs):
+            if result.error is not None and not return_exceptions:
+                raise result.error
+            results[result.index] = result.prediction if result.error is None else result.error
+        return [results[index] for index in sorted(results)]
+
+    def model_info(self, *, timeout: float | None = None) -> ModelInfo:
+        """What the server is serving: architecture, labels, input size, attention blocks, batching."""
+        request = inference_pb2.GetModelInfoRequest()
+        return to_model_info(self._unary(self._stub.GetModelInfo, request, timeout))
+
+    def health(self, service: str = "", *, timeout: float | None = None) -> str:
+        """The serving status of `service` ("" is the whole server): "SERVING", "NOT_SERVING", ..."""
+        request = health_pb2.HealthCheckRequest(service=service)
+        response = self._unary(self._health.Check, request, timeout)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+    def _unary(self, method, request, timeout: float | None):
+        deadline = self._deadline(timeout, self.timeout)
+        attempt = 1
+        while True:
+            try:
+                return method(request, timeout=remaining(deadline), metadata=self._metadata)
+            except grpc.RpcError as exc:
+                error = error_from_rpc(exc)
+                delay = self._retry_delay(error, attempt, deadline)
+                if delay is None:
+                    raise error from None
+            time.sleep(delay)
+            attempt += 1
+
+    @staticmethod
+    def _requests(state: StreamState, source, lock, window: threading.Semaphore, closed: threading.Event):
+        # Runs in gRPC's request thread. The window keeps at most max_inflight requests unanswered; the
+        # timeout only lets a stopped stream notice `closed`.
+        while not closed.is_set():
+            if not window.acquire(timeout=0.05):
+                continue
+            with lock:
+                if closed.is_set():
+                    return
+                request = state.next_request(source)
+            if request is None:
+                return
+            yield request
+
