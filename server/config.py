@@ -1,0 +1,265 @@
+"""The one place cbam-serve's configuration is defined.
+
+``Settings`` is filled, highest precedence first, from command-line flags, environment variables
+(``CBAM_`` prefix, ``__`` between nested names), an optional YAML or JSON file (``--config FILE``)
+and the defaults below. ``__main__`` builds it once and passes it down; nothing else reads the
+environment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, FilePath, SecretStr, field_validator, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+__all__ = [
+    "Auth",
+    "Batching",
+    "Limits",
+    "Log",
+    "Metrics",
+    "ModelSettings",
+    "Settings",
+    "Tls",
+    "load_settings",
+]
+
+_DEVICE_PATTERN = r"^(auto|cpu|cuda(:\d+)?|mps)$"
+
+
+class _Group(BaseModel):
+    # A misspelt key in the config file is refused, not silently ignored.
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class ModelSettings(_Group):
+    """What to serve and how to run it."""
+
+    checkpoint: FilePath | None = Field(
+        None, description="Checkpoint to serve (.safetensors); unset serves the embedded default model."
+    )
+    arch: str | None = Field(
+        None,
+        description="Serve this registered architecture with random weights instead of a checkpoint "
+        "(for benchmarking): labels class_0.., registry input size, ImageNet mean/std.",
+    )
+    num_classes: int = Field(1000, ge=1, description="Number of classes of a random-weight --arch model.")
+    seed: int = Field(0, description="Seed for the random weights of an --arch model.")
+    device: str = Field(
+        "auto",
+        pattern=_DEVICE_PATTERN,
+        description="auto (CUDA when present, else CPU), cpu, cuda or cuda:N.",
+    )
+    dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        "float32", description="Compute dtype; float16 needs CUDA, bfloat16 runs on CUDA and CPU."
+    )
+    channels_last: bool = Field(True, description="Run convolutions on channels-last (NHWC) memory.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSettings:
+        if self.checkpoint is not None and self.arch is not None:
+            raise ValueError("give model.checkpoint or model.arch, not both")
+        return self
+
+
+class Batching(_Group):
+    """Dynamic batching, with the semantics of Triton's dynamic batcher."""
+
+    max_batch_size: int = Field(32, ge=1, le=4096, description="Most requests in one forward pass.")
+    max_batch_delay_ms: float = Field(
+        2.0, ge=0, le=60_000, description="Longest wait for a batch to fill, from its oldest request."
+    )
+    max_queue: int = Field(
+        1024, ge=1, description="Most requests waiting for a batch; beyond it RESOURCE_EXHAUSTED at once."
+    )
+
+
+class Limits(_Group):
+    """Limits on what one caller may ask of the server."""
+
+    max_message_bytes: int = Field(
+        16 * 1024 * 1024, ge=1024, description="Largest request message, in bytes (RESOURCE_EXHAUSTED above)."
+    )
+    max_image_pixels: int = Field(
+        40_000_000,
+        ge=1,
+        description="Largest image, width x height before resizing (RESOURCE_EXHAUSTED above).",
+    )
+    max_stream_inflight: int = Field(
+        64, ge=1, description="Most items of one ClassifyStream call being handled at once."
+    )
+    max_concurrent_streams: int = Field(
+        256, ge=1, description="Most concurrent HTTP/2 streams (calls) on one connection."
+    )
+    max_concurrent_rpcs: int = Field(
+        4096, ge=1, description="Most calls the server handles at once; beyond it RESOURCE_EXHAUSTED."
+    )
+
+
+class Tls(_Group):
+    """Transport security; without a certificate the port is plaintext."""
+
+    cert_file: FilePath | None = Field(None, description="PEM server certificate chain.")
+    key_file: FilePath | None = Field(None, description="PEM private key of the certificate.")
+    client_ca_file: FilePath | None = Field(
+        None, description="PEM CA bundle; when set, clients must present a certificate it signed."
+    )
+
+    @model_validator(mode="after")
+    def _pair(self) -> Tls:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("tls.cert_file and tls.key_file go together: set both or neither")
+        if self.client_ca_file is not None and self.cert_file is None:
+            raise ValueError("tls.client_ca_file needs tls.cert_file and tls.key_file")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert_file is not None
+
+
+class Auth(_Group):
+    """Bearer-token authentication of InferenceService calls (health and reflection stay open)."""
+
+    tokens: list[SecretStr] = Field(
+        default_factory=list,
+        description='Accepted tokens, sent as "authorization: Bearer TOKEN"; empty turns authentication off.',
+    )
+
+
+class Metrics(_Group):
+    """The Prometheus /metrics HTTP endpoint."""
+
+    enabled: bool = Field(True, description="Serve /metrics.")
+    host: str = Field("0.0.0.0", description="Address the /metrics endpoint binds.")
+    port: int = Field(8000, ge=0, le=65535, description="Port of the /metrics endpoint; 0 picks a free one.")
+
+
+class Log(_Group):
+    """Logging."""
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="Least severe level logged; DEBUG logs every request."
+    )
+    # Named json_ because BaseModel has a .json(); it reads and prints as "json" everywhere.
+    json_: bool = Field(True, alias="json", description="One JSON object per line; false for plain text.")
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+
+class Settings(BaseSettings):
+    """cbam-serve: a gRPC inference service for CBAM-ResNet image classifiers.
+
+    Precedence, highest first: command-line flags, CBAM_* environment variables
+    (CBAM_BATCHING__MAX_BATCH_SIZE=8), the --config file (YAML or JSON), defaults.
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix="CBAM_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        populate_by_name=True,
+        validate_default=True,
+        cli_prog_name="cbam-serve",
+        cli_shortcuts={
+            "metrics.port": "metrics-port",
+            "model.checkpoint": "checkpoint",
+            "model.arch": "arch",
+        },
+        cli_hide_none_type=True,
+        cli_avoid_json=True,
+    )
+
+    config: Path | None = Field(
+        None, description="YAML or JSON settings file; flags and CBAM_* variables override it."
+    )
+    host: str = Field("[::]", description="Address the gRPC port binds; [::] is every interface.")
+    port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
+    grace_seconds: float = Field(
+        10.0, ge=0, description="On SIGTERM/SIGINT, how long calls in flight and queued get to finish."
+    )
+    reflection: bool = Field(True, description="Offer gRPC server reflection.")
+    preprocess_threads: int = Field(
+        0, ge=0, description="Threads that decode and resize images; 0 = half the usable cores, at least 1."
+    )
+    model: ModelSettings = ModelSettings()
+    batching: Batching = Batching()
+    limits: Limits = Limits()
+    tls: Tls = Tls()
+    auth: Auth = Auth()
+    metrics: Metrics = Metrics()
+    log: Log = Log()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # pydantic-settings puts the CLI source in front of these, so: CLI > init > env > file.
+        return init_settings, env_settings, ConfigFileSource(settings_cls)
+
+
+class ConfigFileSource(PydanticBaseSettingsSource):
+    """Reads the file named by ``config`` as given by a higher-precedence source (flag or env var)."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # __call__ reads the whole file at once
+
+    def __call__(self) -> dict[str, Any]:
+        path = self.current_state.get("config")
+        if path is None:
+            return {}
+        return read_config_file(Path(path))
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """Parse a YAML (.yaml, .yml) or JSON (anything else) settings file into a dict."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ValueError(f"config: cannot read {str(path)!r}: {exc.strerror}") from None
+    try:
+        if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml  # only needed for YAML files
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as exc:
+        raise ValueError(
+            f"config: {str(path)!r} is not valid {path.suffix.lstrip('.') or 'JSON'}: {exc}"
+        ) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config: {str(path)!r} must hold a mapping of settings, got {type(data).__name__}")
+    return data
+
+
+def load_settings(argv: list[str] | None = None) -> Settings:
+    """Build the Settings from ``argv`` (default: sys.argv[1:]), the environment and the config file."""
+    return Settings(_cli_parse_args=argv if argv is not None else True)
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1

@@ -1,0 +1,62 @@
+"""The few ways a request can fail short of a bug. ``service.py`` alone turns them into gRPC statuses.
+
+    CbamError
+     ├── InvalidInput      the request itself is wrong            INVALID_ARGUMENT
+     │    └── TooLarge     ... because it is over a size limit    RESOURCE_EXHAUSTED
+     ├── Overloaded        the queue is full                      RESOURCE_EXHAUSTED
+     ├── Expired           its deadline passed before compute     DEADLINE_EXCEEDED
+     ├── Cancelled         its caller went away before compute    CANCELLED
+     └── ShuttingDown      the server is draining                 UNAVAILABLE
+
+``StartupError`` is apart: a setting that looked valid but cannot be served (float16 on a CPU,
+an unknown architecture). It names the field, and ``cbam-serve`` exits with status 2.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "Cancelled",
+    "CbamError",
+    "Expired",
+    "InvalidInput",
+    "Overloaded",
+    "ShuttingDown",
+    "StartupError",
+    "TooLarge",
+]
+
+
+class CbamError(Exception):
+    """Base of the errors a request can end with; the message is sent to the caller."""
+
+
+class InvalidInput(CbamError):
+    """The request is malformed: undecodable image, bad tensor, top_k out of range..."""
+
+
+class TooLarge(InvalidInput):
+    """The request is over a size limit (image pixels)."""
+
+
+class Overloaded(CbamError):
+    """The batch queue is full; the caller may retry later."""
+
+
+class Expired(CbamError):
+    """The request's deadline passed before it could be computed."""
+
+
+class Cancelled(CbamError):
+    """The caller went away before the request could be computed."""
+
+
+class ShuttingDown(CbamError):
+    """The server is draining and takes no new work."""
+
+
+class StartupError(Exception):
+    """A setting that cannot be served on this machine; ``field`` is its dotted name."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field

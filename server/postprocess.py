@@ -1,0 +1,121 @@
+"""Turn one request's row of a batch's output into what it asked for: top-k labels and attention maps.
+
+Runs per request after its batch, so only the requests that asked for attention pay to encode it.
+"""
+
+from __future__ import annotations
+
+import enum
+import io
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+__all__ = [
+    "AttentionFormat",
+    "AttentionKind",
+    "AttentionQuery",
+    "EncodedMap",
+    "LabelScore",
+    "encode_attention",
+    "top_k",
+]
+
+
+class AttentionKind(enum.IntEnum):
+    """Which maps a request wants; values are the wire's AttentionKind numbers."""
+
+    NONE = 0
+    CHANNEL = 1
+    SPATIAL = 2
+    BOTH = 3
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """The map kinds it covers, in response order."""
+        return {0: (), 1: ("channel",), 2: ("spatial",), 3: ("channel", "spatial")}[self.value]
+
+
+class AttentionFormat(enum.IntEnum):
+    """How maps are encoded; values are the wire's AttentionFormat numbers."""
+
+    FLOAT16 = 0
+    PNG = 1
+
+
+@dataclass(frozen=True)
+class AttentionQuery:
+    """The attention part of a request. ``blocks`` empty means every block."""
+
+    kind: AttentionKind = AttentionKind.NONE
+    blocks: tuple[str, ...] = ()
+    format: AttentionFormat = AttentionFormat.FLOAT16
+
+    @property
+    def wanted(self) -> bool:
+        return self.kind is not AttentionKind.NONE
+
+
+@dataclass(frozen=True)
+class LabelScore:
+    index: int
+    name: str
+    probability: float
+
+
+@dataclass(frozen=True)
+class EncodedMap:
+    """One attention map of one block, ready for the wire."""
+
+    block: str
+    kind: str  # "channel" or "spatial"
+    shape: tuple[int, ...]
+    format: AttentionFormat
+    data: bytes
+
+
+def top_k(logits: torch.Tensor, labels: Sequence[str], k: int) -> list[LabelScore]:
+    """Softmax over one row of logits and the ``k`` most probable labels, most probable first."""
+    probabilities = torch.softmax(logits.float(), dim=-1)
+    values, indices = torch.topk(probabilities, k)
+    return [
+        LabelScore(index=int(i), name=labels[int(i)], probability=float(p))
+        for p, i in zip(values.tolist(), indices.tolist(), strict=True)
+    ]
+
+
+def encode_attention(
+    maps: Mapping[str, Mapping[str, torch.Tensor | None]], query: AttentionQuery
+) -> list[EncodedMap]:
+    """Encode the maps ``query`` asked for, by block in ``maps`` order, channel before spatial.
+
+    ``maps`` holds one image's maps: block name -> {"channel": C, "spatial": H x W}; a kind a
+    block does not have (None) is left out.
+    """
+    if not query.wanted:
+        return []
+    blocks = set(query.blocks)
+    encoded = []
+    for block, kinds in maps.items():
+        if blocks and block not in blocks:
+            continue
+        for kind in query.kind.kinds:
+            values = kinds.get(kind)
+            if values is not None:
+                encoded.append(_encode_map(block, kind, values, query.format))
+    return encoded
+
+
+def _encode_map(block: str, kind: str, values: torch.Tensor, fmt: AttentionFormat) -> EncodedMap:
+    array = values.detach().float().cpu().numpy()
+    if fmt is AttentionFormat.PNG:
+        pixels = np.clip(np.rint(array * 255.0), 0, 255).astype(np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(pixels.reshape(1, -1) if pixels.ndim == 1 else pixels).save(buffer, format="PNG")
+        data = buffer.getvalue()
+    else:
+        data = array.astype("<f2").tobytes()
+    return EncodedMap(block=block, kind=kind, shape=tuple(array.shape), format=fmt, data=data)
