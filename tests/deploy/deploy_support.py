@@ -1,0 +1,113 @@
+"""Helpers of the deployment tests (a uniquely named module: every tests/ folder has a conftest.py)."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def load_yaml_documents(path: Path) -> list[dict]:
+    """Every non-empty YAML document of ``path``."""
+    with path.open(encoding="utf-8") as f:
+        return [doc for doc in yaml.safe_load_all(f) if doc is not None]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(condition: Callable[[], object], *, timeout_s: float, what: str, interval_s: float = 0.1):
+    """Poll ``condition`` until it returns something truthy, and return that; fail after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            result = condition()
+        except Exception as exc:  # the thing polled is not up yet
+            last_error = exc
+        else:
+            if result:
+                return result
+        time.sleep(interval_s)
+    pytest.fail(f"timed out after {timeout_s}s waiting for {what}; last error: {last_error!r}")
+
+
+def install_debian_package(package: str) -> str:
+    """Try `apt-get install package` (as scripts/setup.sh --test does); return what went wrong, or ''."""
+    if shutil.which("apt-get") is None:
+        return "apt-get is not available"
+    for command in (
+        ["apt-get", "update", "-qq"],
+        ["apt-get", "install", "-y", "-qq", "--no-install-recommends", package],
+    ):
+        try:
+            done = subprocess.run(
+                command,
+                capture_output=True,
+                text=True,
+                timeout=600,
+                env={"DEBIAN_FRONTEND": "noninteractive", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return f"{' '.join(command)}: {exc}"
+        if done.returncode != 0:
+            return f"{' '.join(command)} exited {done.returncode}: {done.stderr.strip()[-300:]}"
+    return ""
+
+
+class Processes:
+    """Starts processes with their output in files, and stops every one of them at teardown."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self._log_dir = log_dir
+        self._running: list[tuple[subprocess.Popen, Path]] = []
+
+    def start(self, name: str, argv: list[str], **kwargs) -> subprocess.Popen:
+        log = self._log_dir / f"{name}.log"
+        with log.open("wb") as out:
+            process = subprocess.Popen(
+                argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, **kwargs
+            )
+        self._running.append((process, log))
+        return process
+
+    def log(self, process: subprocess.Popen) -> str:
+        """The last lines a process printed (for failure messages)."""
+        for running, log in self._running:
+            if running is process:
+                return "\n".join(log.read_text(errors="replace").splitlines()[-30:])
+        raise ValueError(f"process {process.pid} was not started here")
+
+    def stop_all(self) -> None:
+        for process, _ in reversed(self._running):
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process, _ in reversed(self._running):
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=10)
+        self._running.clear()
+
+
+def nginx_renderer():
+    """deploy/nginx/render_conf.py as a module (deploy/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("render_conf", REPO / "deploy/nginx/render_conf.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
