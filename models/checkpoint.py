@@ -30,9 +30,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+import safetensors.torch
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from .registry import create_model, default_input_size, list_models
@@ -206,8 +206,10 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, meta: CheckpointM
     path = Path(path)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     _match_state_dict(_build(meta, str(path)), tensors, f"model saved as {meta.arch!r}")
+    # Written as bytes, not with save_file, so the file gets the usual (umask) permissions, not 0600.
+    data = safetensors.torch.save(tensors, metadata={"format": "pt", _METADATA_KEY: meta.to_json()})
     partial = path.with_name(path.name + ".partial")
-    save_file(tensors, partial, metadata={"format": "pt", _METADATA_KEY: meta.to_json()})
+    partial.write_bytes(data)
     os.replace(partial, path)
 
 
