@@ -51,6 +51,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except CbamError as exc:
             Console(stderr=True).print(f"[red]error[/red] {exc.code.name}: {exc.message}", highlight=False)
             return EXIT_FAILED
+        except BrokenPipeError:  # the reader went away (| head): stop quietly, as Unix tools do
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return EXIT_FAILED
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -150,9 +153,13 @@ def _classify(client: Client, args: argparse.Namespace, parser: argparse.Argumen
             results[result.index] = result
             if args.json:
                 print(json.dumps(_result_json(path, result)), flush=True)
-            if result.ok and args.attention:
-                _write_attention(result, path, folders[result.index], err)
             progress.advance(task)
+        if args.attention:  # after the stream, so drawing does not delay reading answers (or their latency)
+            drawn = [i for i in sorted(results) if results[i].ok]
+            task = progress.add_task("drawing attention", total=len(drawn))
+            for index in drawn:
+                _write_attention(results[index], paths[index], folders[index], err)
+                progress.advance(task)
 
     failed = [i for i in range(len(paths)) if not results[i].ok]
     if not args.json:

@@ -1,0 +1,1 @@
+"""Load tests and benchmarks of cbam-serve: the Locust file and cbam-bench."""
