@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -111,3 +115,36 @@ def nginx_renderer():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def http_get_json(url: str, timeout_s: float = 5.0) -> dict:
+    with urllib.request.urlopen(url, timeout=timeout_s) as response:
+        return json.loads(response.read())
+
+
+def exported_sample_names(metrics_text: str) -> set[str]:
+    """Every sample name a /metrics page can carry, from its # TYPE lines: a histogram exports
+    _bucket/_sum/_count, a counter _total, an info metric _info (and prometheus_client adds _created)."""
+    suffixes = {
+        "counter": ("_total", "_created"),
+        "histogram": ("_bucket", "_sum", "_count", "_created"),
+        "summary": ("", "_sum", "_count", "_created"),
+        "info": ("_info",),
+        "gauge": ("",),
+        "stateset": ("",),
+        "unknown": ("",),
+    }
+    names = set()
+    for family in text_string_to_metric_families(metrics_text):
+        names |= {family.name + suffix for suffix in suffixes[family.type]}
+    return names
+
+
+def promql_names(expr: str) -> tuple[set[str], set[str]]:
+    """(metric names, recording-rule names) an expression reads. Metric names are those with the
+    service's prefix cbam_ (plus Prometheus' own `up`); recorded names are the ones with a colon."""
+    expr = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)  # label values are not names
+    tokens = set(re.findall(r"[A-Za-z_:][A-Za-z0-9_:]*", expr))
+    recorded = {t for t in tokens if ":" in t}
+    metrics = {t for t in tokens - recorded if t.startswith("cbam_")} | ({"up"} & tokens)
+    return metrics, recorded

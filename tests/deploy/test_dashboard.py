@@ -1,0 +1,66 @@
+"""deploy/grafana: the provisioned dashboard's structure (the live checks of its queries are in
+test_monitoring_live.py)."""
+
+from __future__ import annotations
+
+import json
+
+import yaml
+from deploy_support import REPO
+
+GRAFANA = REPO / "deploy/grafana"
+DASHBOARD = json.loads((GRAFANA / "dashboards/cbam-serve.json").read_text(encoding="utf-8"))
+PANELS = [p for p in DASHBOARD["panels"] if p["type"] != "row"]
+
+
+def test_the_dashboard_shows_what_an_operator_asks_first():
+    titles = {p["title"] for p in PANELS}
+    assert {
+        "Throughput",
+        "Classify latency p50 / p95 / p99",
+        "Queue wait vs inference time",
+        "Batch size distribution",
+        "Errors by code",
+        "In-flight requests",
+        "Queue depth",
+        "Dropped requests",
+    } <= titles
+    latency = next(p for p in PANELS if p["title"] == "Classify latency p50 / p95 / p99")
+    quantiles = sorted(t["expr"].split("(")[1].split(",")[0] for t in latency["targets"])
+    assert quantiles == ["0.50", "0.95", "0.99"]
+    stages = next(p for p in PANELS if p["title"] == "Queue wait vs inference time")
+    assert all('stage=~"queue|inference"' in t["expr"] for t in stages["targets"])
+    assert next(p for p in PANELS if p["title"] == "Batch size distribution")["type"] == "heatmap"
+
+
+def test_every_panel_uses_the_provisioned_data_source():
+    (datasource,) = yaml.safe_load((GRAFANA / "provisioning/datasources/prometheus.yml").read_text())[
+        "datasources"
+    ]
+    for panel in PANELS:
+        assert panel["datasource"] == {"type": "prometheus", "uid": datasource["uid"]}, panel["title"]
+        assert panel["targets"], f"{panel['title']} has no query"
+        for target in panel["targets"]:
+            assert target["datasource"]["uid"] == datasource["uid"]
+            assert target["expr"].strip()
+
+
+def test_panels_have_unique_ids_and_fit_the_grid():
+    ids = [p["id"] for p in DASHBOARD["panels"]]
+    assert len(ids) == len(set(ids))
+    cells = set()
+    for panel in DASHBOARD["panels"]:
+        grid = panel["gridPos"]
+        assert grid["x"] + grid["w"] <= 24, panel["title"]
+        for x in range(grid["x"], grid["x"] + grid["w"]):
+            for y in range(grid["y"], grid["y"] + grid["h"]):
+                assert (x, y) not in cells, f"{panel['title']} overlaps another panel at {(x, y)}"
+                cells.add((x, y))
+
+
+def test_the_dashboard_is_findable_by_name():
+    assert DASHBOARD["title"] == "cbam-serve" and DASHBOARD["uid"] == "cbam-serve"
+    variables = {v["name"] for v in DASHBOARD["templating"]["list"]}
+    assert variables == {"job", "instance"}
+    # docs/OPERATIONS.md tells people the dashboard's name; keep the two in step.
+    assert "**cbam-serve**" in (REPO / "docs/OPERATIONS.md").read_text(encoding="utf-8")

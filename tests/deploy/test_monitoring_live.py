@@ -1,0 +1,248 @@
+"""A real Prometheus, configured from deploy/prometheus, scraping a real cbam-serve: the numbers it
+answers agree with the traffic this test sent, the rules load and evaluate, every dashboard query
+runs, and every metric the dashboard, rules and autoscaler read is one the server exports."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+
+import grpc
+import pytest
+import yaml
+from cbam.v1 import inference_pb2, inference_pb2_grpc
+from deploy_support import REPO, exported_sample_names, free_port, http_get_json, promql_names, wait_for
+
+pytestmark = pytest.mark.slow
+
+PROMETHEUS_DIR = REPO / "deploy/prometheus"
+RULES = [
+    rule
+    for path in sorted((PROMETHEUS_DIR / "rules").glob("*.yml"))
+    for group in yaml.safe_load(path.read_text(encoding="utf-8"))["groups"]
+    for rule in group["rules"]
+]
+DASHBOARD = json.loads((REPO / "deploy/grafana/dashboards/cbam-serve.json").read_text(encoding="utf-8"))
+# Registered only when the server runs on CUDA (server/metrics.py, watch_cuda_memory).
+CUDA_ONLY = {"cbam_cuda_memory_allocated_bytes", "cbam_cuda_memory_reserved_bytes"}
+OK_CALLS, BAD_CALLS = 40, 5
+
+
+class Prometheus:
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def query(self, expr: str, at: float | None = None) -> list[dict]:
+        params = {"query": expr, **({"time": f"{at:.3f}"} if at is not None else {})}
+        body = http_get_json(f"{self.url}/api/v1/query?{urllib.parse.urlencode(params)}")
+        assert body["status"] == "success", body
+        return body["data"]["result"]
+
+    def value(self, expr: str, at: float | None = None) -> float:
+        result = self.query(expr, at)
+        assert len(result) == 1, f"{expr}: expected one series, got {result}"
+        return float(result[0]["value"][1])
+
+
+def _test_config(target: str) -> dict:
+    """deploy/prometheus/prometheus.yml with the service's discovery swapped for the test's target."""
+    config = yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text(encoding="utf-8"))
+    config["global"].update(scrape_interval="1s", scrape_timeout="1s", evaluation_interval="1s")
+    config["rule_files"] = [str(PROMETHEUS_DIR / pattern) for pattern in config["rule_files"]]
+    (job,) = [j for j in config["scrape_configs"] if j["job_name"] == "cbam-serve"]
+    assert "dns_sd_configs" in job, "the test swaps the compose discovery; update it with prometheus.yml"
+    del job["dns_sd_configs"]
+    job["static_configs"] = [{"targets": [target]}]
+    config["scrape_configs"] = [job]
+    return config
+
+
+@pytest.fixture(scope="module")
+def prometheus(require_binary, processes, live_server, tmp_path_factory) -> Prometheus:
+    binary = require_binary("prometheus")
+    home = tmp_path_factory.mktemp("prometheus")
+    config = home / "prometheus.yml"
+    target = urllib.parse.urlsplit(live_server.metrics_url).netloc
+    config.write_text(yaml.safe_dump(_test_config(target)))
+    for _attempt in range(3):  # the free port can be taken between choosing and binding it
+        url = f"http://127.0.0.1:{free_port()}"
+        process = processes.start(
+            "prometheus",
+            [
+                binary,
+                f"--config.file={config}",
+                f"--storage.tsdb.path={home / 'data'}",
+                f"--web.listen-address={url.removeprefix('http://')}",
+                "--storage.tsdb.retention.time=1h",
+            ],
+        )
+        started = time.monotonic()
+        while process.poll() is None and time.monotonic() - started < 30:
+            try:
+                with urllib.request.urlopen(f"{url}/-/ready", timeout=1) as response:
+                    if response.status == 200:
+                        return Prometheus(url)
+            except OSError:
+                time.sleep(0.1)
+        if process.poll() is None:
+            pytest.fail(f"Prometheus not ready after 30s:\n{processes.log(process)}")
+        if "address already in use" not in processes.log(process):
+            pytest.fail(f"Prometheus exited with {process.returncode}:\n{processes.log(process)}")
+    pytest.fail("Prometheus found no free port in 3 tries")
+
+
+@dataclass
+class Traffic:
+    before: float  # a time after the first call was scraped and before the measured calls
+    latencies: list[float]  # client-side seconds of every OK call, the first one included
+
+
+@pytest.fixture(scope="module")
+def traffic(prometheus, live_server, sample_png) -> Traffic:
+    """One Classify call, then (once Prometheus has scraped it twice) OK_CALLS good and BAD_CALLS bad ones."""
+    wait_for(lambda: prometheus.query('up{job="cbam-serve"} == 1'), timeout_s=20, what="the target to be up")
+    ok = 'cbam_requests_total{job="cbam-serve", method="Classify", code="OK"}'
+    latencies = []
+    with grpc.insecure_channel(live_server.address) as channel:
+        stub = inference_pb2_grpc.InferenceServiceStub(channel)
+
+        def classify(image: bytes) -> None:
+            started = time.perf_counter()
+            stub.Classify(inference_pb2.ClassifyRequest(encoded=image), timeout=30)
+            latencies.append(time.perf_counter() - started)
+
+        classify(sample_png)
+        wait_for(
+            lambda: prometheus.query(f"count_over_time({ok}[1m]) >= 2"), timeout_s=20, what="two scrapes"
+        )
+        before = time.time()
+        time.sleep(0.1)
+        for _ in range(OK_CALLS):
+            classify(sample_png)
+        for _ in range(BAD_CALLS):
+            with pytest.raises(grpc.RpcError) as error:
+                stub.Classify(inference_pb2.ClassifyRequest(encoded=b"not an image"), timeout=30)
+            assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    wait_for(
+        lambda: prometheus.query(f"sum({ok}) == {1 + OK_CALLS}"),
+        timeout_s=20,
+        what="a scrape after the traffic",
+    )
+    time.sleep(1.5)  # one more scrape, so the last sample is not the only one after the traffic
+    return Traffic(before=before, latencies=latencies)
+
+
+def _bucket_ceiling(seconds: float) -> float:
+    """The upper bound of the latency histogram bucket that holds ``seconds``."""
+    from server.metrics import LATENCY_BUCKETS
+
+    return next((b for b in LATENCY_BUCKETS if seconds <= b), math.inf)
+
+
+def test_prometheus_scrapes_the_service_as_the_repo_configures_it(prometheus, traffic):
+    (up,) = prometheus.query('up{job="cbam-serve"}')
+    assert up["value"][1] == "1"
+    (info,) = prometheus.query('cbam_model_info{job="cbam-serve"}')
+    assert info["metric"]["device"] == "cpu"
+
+
+def test_request_counts_are_what_the_client_sent(prometheus, traffic):
+    selector = 'job="cbam-serve", method="Classify"'
+    sent = prometheus.value(
+        f'sum(cbam_requests_total{{{selector}, code="OK"}})'
+        f' - sum(cbam_requests_total{{{selector}, code="OK"}} @ {traffic.before:.3f})'
+    )
+    assert sent == OK_CALLS
+    assert prometheus.value(f'sum(cbam_requests_total{{{selector}, code="INVALID_ARGUMENT"}})') == BAD_CALLS
+    assert prometheus.value(f'sum(cbam_images_total{{{selector}, code="OK"}})') == 1 + OK_CALLS
+    # increase() extrapolates to the window's edges, so it may overshoot a little, never undershoot
+    # (the window starts before the traffic, with a sample already in it).
+    window = math.ceil(time.time() - traffic.before) + 2
+    increase = prometheus.value(f'sum(increase(cbam_requests_total{{{selector}, code="OK"}}[{window}s]))')
+    assert OK_CALLS <= increase <= OK_CALLS * 1.3
+    assert prometheus.value(f'sum(rate(cbam_requests_total{{{selector}, code="OK"}}[{window}s]))') > 0
+
+
+def test_latency_quantiles_are_bounded_by_what_the_client_measured(prometheus, traffic):
+    # The server's time for a call is part of the client's, so every server-side quantile lies at or
+    # below the bucket holding the same client-side quantile; seconds measured as milliseconds, or a
+    # histogram fed the wrong calls, would not.
+    buckets = 'cbam_request_duration_seconds_bucket{job="cbam-serve", method="Classify", code="OK"}'
+    measured = sorted(traffic.latencies)
+    for q in (0.5, 0.99):
+        client = measured[min(len(measured) - 1, math.ceil(q * len(measured)) - 1)]
+        server = prometheus.value(f"histogram_quantile({q}, sum by (le) ({buckets}))")
+        assert 0 < server <= _bucket_ceiling(client), (q, server, client)
+        window = math.ceil(time.time() - traffic.before) + 2
+        server_rate = prometheus.value(f"histogram_quantile({q}, sum by (le) (rate({buckets}[{window}s])))")
+        assert 0 < server_rate <= _bucket_ceiling(client), (q, server_rate, client)
+    count = prometheus.value('sum(cbam_request_duration_seconds_count{job="cbam-serve", code="OK"})')
+    assert count == 1 + OK_CALLS
+    total = prometheus.value('sum(cbam_request_duration_seconds_sum{job="cbam-serve", code="OK"})')
+    assert 0 < total <= sum(traffic.latencies)
+
+
+def test_the_rules_load_evaluate_and_stay_quiet(prometheus, traffic):
+    time.sleep(1.1)  # at least one evaluation after the traffic
+    groups = http_get_json(f"{prometheus.url}/api/v1/rules")["data"]["groups"]
+    rules = [rule for group in groups for rule in group["rules"]]
+    assert sorted(r["name"] for r in rules) == sorted(r.get("record") or r["alert"] for r in RULES)
+    for rule in rules:
+        assert rule["health"] == "ok", f"{rule['name']}: {rule.get('lastError')}"
+    firing = [
+        a["labels"]["alertname"] for a in http_get_json(f"{prometheus.url}/api/v1/alerts")["data"]["alerts"]
+    ]
+    assert firing == [], f"alerts on a healthy, idle service: {firing}"
+    # The recording rules produce series from the live data.
+    assert prometheus.query('job_method_code:cbam_requests:rate1m{job="cbam-serve", method="Classify"}')
+
+
+def _dashboard_queries() -> list[tuple[str, str]]:
+    return [(p["title"], t["expr"]) for p in DASHBOARD["panels"] for t in p.get("targets", [])]
+
+
+def test_every_dashboard_query_runs_and_shows_data(prometheus, traffic):
+    # Grafana's variables, as Grafana would fill them: one job, every replica, a window that covers
+    # the traffic.
+    window = f"{math.ceil(time.time() - traffic.before) + 5}s"
+    for title, expr in _dashboard_queries():
+        query = (
+            expr.replace("$__rate_interval", window).replace("$job", "cbam-serve").replace("$instance", ".*")
+        )
+        assert "$" not in query, f"{title}: unknown variable in {expr}"
+        result = prometheus.query(query)  # fails on a PromQL error
+        metrics, _ = promql_names(expr)
+        if not metrics & CUDA_ONLY:
+            assert result, f"panel {title!r} would show no data: {query}"
+
+
+def test_every_metric_read_by_dashboard_rules_and_autoscaler_is_exported(live_server, traffic):
+    with urllib.request.urlopen(live_server.metrics_url, timeout=5) as response:
+        exported = exported_sample_names(response.read().decode())
+    exported.add("up")  # added by Prometheus to every target
+    read: dict[str, set[str]] = {}
+    for title, expr in _dashboard_queries():
+        read.setdefault(f"dashboard panel {title!r}", set()).update(promql_names(expr)[0])
+    recorded = {rule["record"] for rule in RULES if "record" in rule}
+    for rule in RULES:
+        metrics, reads_recorded = promql_names(rule["expr"])
+        name = rule.get("record") or rule["alert"]
+        read[f"rule {name}"] = metrics
+        assert reads_recorded <= recorded, (
+            f"rule {name} reads series no rule records: {reads_recorded - recorded}"
+        )
+    hpa = yaml.safe_load((REPO / "deploy/k8s/hpa.yaml").read_text())
+    read["HorizontalPodAutoscaler"] = {m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"]}
+
+    metrics_source = (REPO / "server/metrics.py").read_text(encoding="utf-8")
+    for name in CUDA_ONLY:  # not on a CPU server's page, so at least check the server defines them
+        assert f'"{name}"' in metrics_source
+    for reader, names in read.items():
+        missing = names - exported - CUDA_ONLY
+        assert not missing, f"{reader} reads {sorted(missing)}, which cbam-serve does not export"
+    assert re.search(r"cbam_\w+", " ".join(sorted(set().union(*read.values()))))
