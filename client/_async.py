@@ -11,12 +11,17 @@ from cbam.v1 import inference_pb2, inference_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ._base import ClientBase, RequestOptions, StreamState, remaining
-from ._errors import CbamError, error_from_rpc
+from ._errors import CbamError, UnavailableError, error_from_rpc
 from ._images import ImageInput
 from ._messages import AttentionArg, FormatArg, to_model_info, to_prediction
 from ._types import ModelInfo, Prediction, StreamResult
 
 __all__ = ["AsyncClient"]
+
+# grpc.aio reports this instead of the server's status when a request write fails because the server
+# has just ended the stream (grpc/grpc#36066). The status it hides is most often the UNAVAILABLE of a
+# server going away, so a stream is resumed on it, within the same bounded retries.
+_CORE_WRITE_RACE = "Internal error from Core"
 
 
 class AsyncClient(ClientBase):
@@ -120,7 +125,7 @@ class AsyncClient(ClientBase):
             state.prepare_resume()
             for failure in state.pending_failures():
                 yield failure
-            delay = self._retry_delay(error, attempt, deadline)
+            delay = self._retry_delay(_unmasked(error), attempt, deadline)
             if delay is None:
                 raise error
             await asyncio.sleep(delay)
@@ -181,3 +186,8 @@ class AsyncClient(ClientBase):
                 return
             yield request
 
+
+def _unmasked(error: CbamError) -> CbamError:
+    if error.code == grpc.StatusCode.INTERNAL and error.message == _CORE_WRITE_RACE:
+        return UnavailableError(grpc.StatusCode.UNAVAILABLE, f"{error.message} (grpc/grpc#36066)")
+    return error
