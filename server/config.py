@@ -190,6 +190,12 @@ class Settings(BaseSettings):
     grace_seconds: float = Field(
         10.0, ge=0, description="On SIGTERM/SIGINT, how long calls in flight and queued get to finish."
     )
+    drain_delay_seconds: float = Field(
+        0.0,
+        ge=0,
+        description="On SIGTERM/SIGINT, keep taking calls this long after health turns NOT_SERVING, "
+        "so load balancers move traffic away before the port closes.",
+    )
     reflection: bool = Field(True, description="Offer gRPC server reflection.")
     preprocess_threads: int = Field(
         0, ge=0, description="Threads that decode and resize images; 0 = half the usable cores, at least 1."

@@ -1,0 +1,203 @@
+"""Assembles and runs cbam-serve: ``build_server(settings) -> (server, port)`` and ``serve(settings)``.
+
+server, port = build_server(settings)   # model loaded, port bound, nothing running yet
+await server.start()                     # NOT_SERVING -> warm-up -> SERVING
+await server.stop(grace)                 # NOT_SERVING, finish in-flight and queued calls
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import grpc
+from cbam.v1 import inference_pb2 as pb
+from cbam.v1 import inference_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+from PIL import Image
+
+from server.config import Settings
+from server.metrics import MetricsEndpoint, ServerMetrics
+from server.pipeline import InferencePipeline
+from server.runner import ModelDescription, ModelRunner, configure_torch_threads
+from server.service import InferenceServicer
+
+__all__ = ["InferenceServer", "build_server", "serve"]
+
+_log = logging.getLogger(__name__)
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
+
+
+class InferenceServer:
+    """A built cbam-serve: the gRPC server, its pipeline, health and metrics. Start and stop it."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        grpc_server: grpc.aio.Server,
+        pipeline: InferencePipeline,
+        health: HealthServicer,
+        metrics: ServerMetrics,
+        port: int,
+    ) -> None:
+        self.settings = settings
+        self.grpc_server = grpc_server
+        self.pipeline = pipeline
+        self.health = health
+        self.metrics = metrics
+        self.port = port
+        self.metrics_port: int | None = None
+        self._metrics_endpoint: MetricsEndpoint | None = None
+
+    async def start(self) -> None:
+        """Accept calls, warm up (health NOT_SERVING meanwhile), then report SERVING."""
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.grpc_server.start()
+        if self.settings.metrics.enabled:
+            self._metrics_endpoint = MetricsEndpoint(
+                self.metrics.registry, self.settings.metrics.host, self.settings.metrics.port
+            )
+            self.metrics_port = self._metrics_endpoint.port
+        self.pipeline.start()
+        await self.pipeline.warm_up()
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        d = self.pipeline.description
+        _log.info("serving", extra={"fields": {
+            "port": self.port, "metrics_port": self.metrics_port, "arch": d.arch, "version": d.version,
+            "device": d.device, "dtype": d.dtype, "max_batch_size": self.settings.batching.max_batch_size,
+        }})  # fmt: skip
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain: NOT_SERVING first, refuse new calls, let calls in flight (and so everything queued)
+        finish for up to ``grace`` seconds (settings.grace_seconds by default), then cancel the rest."""
+        grace = self.settings.grace_seconds if grace is None else grace
+        _log.info("draining", extra={"fields": {"grace_seconds": grace}})
+        await self.health.enter_graceful_shutdown()
+        if self.settings.drain_delay_seconds:
+            await asyncio.sleep(self.settings.drain_delay_seconds)
+        await self.grpc_server.stop(grace)
+        await self.pipeline.close()
+        if self._metrics_endpoint is not None:
+            self._metrics_endpoint.close()
+        _log.info("stopped", extra={"fields": {}})
+
+    async def wait_for_termination(self) -> None:
+        await self.grpc_server.wait_for_termination()
+
+
+def build_server(settings: Settings) -> tuple[InferenceServer, int]:
+    """Load the model and bind the port (0 picks a free one); call within a running event loop."""
+    configure_torch_threads()
+    # Pillow's process-wide bomb check would warn (or fail) on its own fixed limit; preprocess checks
+    # every image against settings.limits.max_image_pixels from its header instead.
+    Image.MAX_IMAGE_PIXELS = None
+    metrics = ServerMetrics()
+    runner = ModelRunner.from_settings(settings.model)
+    d = runner.description
+    metrics.describe_model(arch=d.arch, version=d.version, device=d.device, dtype=d.dtype)
+    if runner.device.type == "cuda":
+        import torch
+
+        device = runner.device
+        metrics.watch_cuda_memory(
+            str(device),
+            lambda: torch.cuda.memory_allocated(device),
+            lambda: torch.cuda.memory_reserved(device),
+        )
+    pipeline = InferencePipeline(runner, settings, metrics)
+
+    limits = settings.limits
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", limits.max_message_bytes),
+            ("grpc.max_send_message_length", -1),
+            ("grpc.max_concurrent_streams", limits.max_concurrent_streams),
+            ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share it
+        ],
+        maximum_concurrent_rpcs=limits.max_concurrent_rpcs,
+        interceptors=_interceptors(settings),
+    )
+    inference_pb2_grpc.add_InferenceServiceServicer_to_server(
+        InferenceServicer(pipeline, model_info(d, settings), metrics, limits.max_stream_inflight), server
+    )
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    if settings.reflection:
+        names = (
+            SERVICE_NAME,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        )
+        reflection.enable_server_reflection(names, server)
+    address = f"{settings.host}:{settings.port}"
+    port = _add_port(server, address, settings)
+    return InferenceServer(settings, server, pipeline, health, metrics, port), port
+
+
+async def serve(settings: Settings) -> None:
+    """Run until SIGTERM or SIGINT, then drain gracefully."""
+    server, _ = build_server(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await server.start()
+    except BaseException:
+        await server.stop(0)
+        raise
+    await stop.wait()
+    await server.stop()
+
+
+def model_info(d: ModelDescription, settings: Settings) -> pb.ModelInfo:
+    return pb.ModelInfo(
+        arch=d.arch,
+        version=d.version,
+        labels=d.labels,
+        input_height=d.input_size[0],
+        input_width=d.input_size[1],
+        mean=d.mean,
+        std=d.std,
+        device=d.device,
+        dtype=d.dtype,
+        attention_blocks=d.attention_blocks,
+        batching=pb.BatchingInfo(
+            max_batch_size=settings.batching.max_batch_size,
+            max_batch_delay_ms=settings.batching.max_batch_delay_ms,
+            max_queue=settings.batching.max_queue,
+        ),
+        num_parameters=d.num_parameters,
+        max_image_pixels=settings.limits.max_image_pixels,
+        max_message_bytes=settings.limits.max_message_bytes,
+    )
+
+
+def _add_port(server: grpc.aio.Server, address: str, settings: Settings) -> int:
+    tls = settings.tls
+    if tls.enabled:
+        assert tls.cert_file is not None and tls.key_file is not None
+        credentials = grpc.ssl_server_credentials(
+            [(tls.key_file.read_bytes(), tls.cert_file.read_bytes())],
+            root_certificates=tls.client_ca_file.read_bytes() if tls.client_ca_file else None,
+            require_client_auth=tls.client_ca_file is not None,
+        )
+        port = server.add_secure_port(address, credentials)
+    else:
+        port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"could not bind {address}")
+    return port
+
+
+def _interceptors(settings: Settings) -> list[grpc.aio.ServerInterceptor]:
+    if not settings.auth.tokens:
+        return []
+    from server.auth import BearerTokenInterceptor
+
+    return [BearerTokenInterceptor([t.get_secret_value() for t in settings.auth.tokens], SERVICE_NAME)]

@@ -1,0 +1,157 @@
+"""One request's way through the server: decode -> batch -> predict -> unbatch -> encode.
+
+    classify(query)
+      check          top_k and block names, queue room              (before any work)
+      preprocess     decode, validate, resize, normalise             thread pool, stage="preprocess"
+      batcher        bounded queue -> batch within max_batch_delay   stage="queue", cbam_batch_size
+      runner         one forward per batch, maps if any asked        inference thread, stage="inference"
+      postprocess    top-k, only the maps this request asked for     stage="postprocess"
+
+Plain Python types in and out; gRPC is service.py's business.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from server.batcher import Batched, DynamicBatcher
+from server.config import Settings, usable_cores
+from server.errors import InvalidInput
+from server.metrics import ServerMetrics
+from server.postprocess import AttentionQuery, EncodedMap, LabelScore, encode_attention, top_k
+from server.preprocess import ImageSpec, RawTensor, preprocess
+from server.runner import BatchItem, ItemOutput, ModelDescription, ModelRunner, warm_up_sizes
+
+__all__ = ["DEFAULT_TOP_K", "InferencePipeline", "Prediction", "Query", "Timings"]
+
+DEFAULT_TOP_K = 5
+
+
+@dataclass(frozen=True)
+class Query:
+    """One image to classify. ``top_k`` 0 means the default."""
+
+    request_id: str
+    image: bytes | RawTensor
+    top_k: int = 0
+    attention: AttentionQuery = field(default_factory=AttentionQuery)
+
+
+@dataclass(frozen=True)
+class Timings:
+    preprocess_seconds: float
+    queue_seconds: float
+    inference_seconds: float
+    postprocess_seconds: float
+    batch_size: int
+
+
+@dataclass(frozen=True)
+class Prediction:
+    request_id: str
+    labels: list[LabelScore]
+    attention: list[EncodedMap]
+    model_version: str
+    timings: Timings
+
+
+class InferencePipeline:
+    """Classifies queries with ``runner``, batching concurrent ones. ``start()`` it on the event loop."""
+
+    def __init__(self, runner: ModelRunner, settings: Settings, metrics: ServerMetrics) -> None:
+        self.description: ModelDescription = runner.description
+        self._runner = runner
+        self._metrics = metrics
+        self._max_batch_size = settings.batching.max_batch_size
+        d = runner.description
+        self._spec = ImageSpec(d.input_size, d.mean, d.std, settings.limits.max_image_pixels)
+        self._blocks = frozenset(d.attention_blocks)
+        # Preprocessing gets a few threads, inference one: the forward already uses every core
+        # (torch intra-op threads), and a second forward would only fight the first for them.
+        threads = settings.preprocess_threads or max(1, usable_cores() // 2)
+        self._preprocess_pool = ThreadPoolExecutor(threads, thread_name_prefix="preprocess")
+        self._inference_pool = ThreadPoolExecutor(1, thread_name_prefix="inference")
+        self.batcher: DynamicBatcher[BatchItem, ItemOutput] = DynamicBatcher(
+            self._run_batch,
+            max_batch_size=settings.batching.max_batch_size,
+            max_batch_delay_s=settings.batching.max_batch_delay_ms / 1000.0,
+            max_queue=settings.batching.max_queue,
+            metrics=metrics,
+        )
+
+    def start(self) -> None:
+        self.batcher.start()
+
+    async def warm_up(self) -> None:
+        """Run every batch size the batcher can form once, in the inference thread."""
+        sizes = warm_up_sizes(self._max_batch_size)
+        await asyncio.get_running_loop().run_in_executor(self._inference_pool, self._runner.warm_up, sizes)
+
+    async def close(self) -> None:
+        """Finish what is queued, then release the threads."""
+        await self.batcher.close()
+        self._preprocess_pool.shutdown(wait=True, cancel_futures=True)
+        self._inference_pool.shutdown(wait=True)
+
+    async def classify(self, query: Query, deadline: float | None = None) -> Prediction:
+        """Classify one image. ``deadline`` is a time.monotonic() value. Raises CbamError subclasses."""
+        k = self._top_k(query.top_k)
+        blocks = self._blocks_for(query.attention)
+        self.batcher.check_room()  # refuse now rather than after decoding an image we cannot queue
+        loop = asyncio.get_running_loop()
+
+        started = time.monotonic()
+        with self._metrics.stage_seconds.labels("preprocess").time():
+            tensor = await loop.run_in_executor(self._preprocess_pool, preprocess, query.image, self._spec)
+        preprocess_seconds = time.monotonic() - started
+
+        batched: Batched[ItemOutput] = await self.batcher.submit(BatchItem(tensor, blocks), deadline)
+
+        started = time.monotonic()
+        with self._metrics.stage_seconds.labels("postprocess").time():
+            labels = top_k(batched.value.logits, self.description.labels, k)
+            if query.attention.wanted:
+                maps = await loop.run_in_executor(
+                    self._preprocess_pool, encode_attention, batched.value.maps, query.attention
+                )
+            else:
+                maps = []
+        return Prediction(
+            request_id=query.request_id,
+            labels=labels,
+            attention=maps,
+            model_version=self.description.version,
+            timings=Timings(
+                preprocess_seconds=preprocess_seconds,
+                queue_seconds=batched.queue_seconds,
+                inference_seconds=batched.inference_seconds,
+                postprocess_seconds=time.monotonic() - started,
+                batch_size=batched.batch_size,
+            ),
+        )
+
+    async def _run_batch(self, items: list[BatchItem]) -> list[ItemOutput]:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._inference_pool, self._runner.run_batch, items)
+
+    def _top_k(self, requested: int) -> int:
+        classes = len(self.description.labels)
+        if requested == 0:
+            return min(DEFAULT_TOP_K, classes)
+        if requested > classes:
+            raise InvalidInput(f"top_k: {requested} is more than the model's {classes} classes")
+        return requested
+
+    def _blocks_for(self, attention: AttentionQuery) -> frozenset[str] | None:
+        unknown = sorted(set(attention.blocks) - self._blocks)
+        if unknown:
+            raise InvalidInput(
+                f"attention.blocks: unknown block names {unknown}; this model's blocks are "
+                f"{list(self.description.attention_blocks)}"
+            )
+        if not attention.wanted:
+            return None
+        return frozenset(attention.blocks) if attention.blocks else self._blocks

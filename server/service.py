@@ -1,0 +1,230 @@
+"""The gRPC servicer: proto messages to plain types and back, and the one place where domain
+exceptions become gRPC statuses. Every call (and every stream item) is counted and timed here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+from cbam.v1 import inference_pb2 as pb
+from cbam.v1 import inference_pb2_grpc
+
+from server.errors import Cancelled, Expired, InvalidInput, Overloaded, ShuttingDown, TooLarge
+from server.metrics import ServerMetrics
+from server.pipeline import InferencePipeline, Prediction, Query
+from server.postprocess import AttentionFormat, AttentionKind, AttentionQuery
+from server.preprocess import RawTensor
+
+__all__ = ["InferenceServicer", "status_for", "to_query", "to_response"]
+
+_log = logging.getLogger(__name__)
+
+MAX_REQUEST_ID_CHARS = 128
+# Most specific first: TooLarge is an InvalidInput that is about size.
+_STATUS: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
+    (TooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (InvalidInput, grpc.StatusCode.INVALID_ARGUMENT),
+    (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (Expired, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (Cancelled, grpc.StatusCode.CANCELLED),
+    (ShuttingDown, grpc.StatusCode.UNAVAILABLE),
+)
+_TENSOR_DTYPES = {pb.Tensor.DTYPE_UINT8: "uint8", pb.Tensor.DTYPE_FLOAT32: "float32"}
+_MAP_KINDS = {"channel": pb.ATTENTION_KIND_CHANNEL, "spatial": pb.ATTENTION_KIND_SPATIAL}
+
+
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status and message a failure is answered with; anything unexpected is INTERNAL."""
+    for kind, code in _STATUS:
+        if isinstance(exc, kind):
+            return code, str(exc)
+    return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); see the server log"
+
+
+def to_query(request: pb.ClassifyRequest, request_id: str) -> Query:
+    """Check and convert a ClassifyRequest. Raises InvalidInput naming the field that is wrong."""
+    if len(request.request_id) > MAX_REQUEST_ID_CHARS:
+        raise InvalidInput(
+            f"request_id: {len(request.request_id)} characters, at most {MAX_REQUEST_ID_CHARS}"
+        )
+    which = request.WhichOneof("image")
+    if which is None:
+        raise InvalidInput("image: empty request; set image.encoded (an image file) or image.tensor")
+    if which == "encoded":
+        image: bytes | RawTensor = request.encoded
+    else:
+        tensor = request.tensor
+        if tensor.dtype not in _TENSOR_DTYPES:
+            name = "DTYPE_UNSPECIFIED (not set)" if tensor.dtype == 0 else f"unknown value {tensor.dtype}"
+            raise InvalidInput(f"image.tensor.dtype: {name}; use DTYPE_UINT8 or DTYPE_FLOAT32")
+        image = RawTensor(_TENSOR_DTYPES[tensor.dtype], tuple(tensor.shape), tensor.data)
+    attention = request.attention
+    try:
+        kind = AttentionKind(attention.kind)
+    except ValueError:
+        raise InvalidInput(f"attention.kind: unknown value {attention.kind}; use 0..3 (NONE..BOTH)") from None
+    try:
+        fmt = AttentionFormat(attention.format)
+    except ValueError:
+        raise InvalidInput(
+            f"attention.format: unknown value {attention.format}; use 0 (FLOAT16) or 1 (PNG)"
+        ) from None
+    return Query(
+        request_id=request_id,
+        image=image,
+        top_k=request.top_k,
+        attention=AttentionQuery(kind=kind, blocks=tuple(attention.blocks), format=fmt),
+    )
+
+
+def to_response(prediction: Prediction) -> pb.ClassifyResponse:
+    t = prediction.timings
+    return pb.ClassifyResponse(
+        request_id=prediction.request_id,
+        labels=[pb.Label(index=s.index, name=s.name, probability=s.probability) for s in prediction.labels],
+        attention=[
+            pb.AttentionMap(
+                block=m.block, kind=_MAP_KINDS[m.kind], shape=m.shape, format=int(m.format), data=m.data
+            )
+            for m in prediction.attention
+        ],
+        model_version=prediction.model_version,
+        timings=pb.Timings(
+            preprocess_seconds=t.preprocess_seconds,
+            queue_seconds=t.queue_seconds,
+            inference_seconds=t.inference_seconds,
+            postprocess_seconds=t.postprocess_seconds,
+            batch_size=t.batch_size,
+        ),
+    )
+
+
+class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
+    """cbam.v1.InferenceService over an InferencePipeline."""
+
+    def __init__(
+        self,
+        pipeline: InferencePipeline,
+        model_info: pb.ModelInfo,
+        metrics: ServerMetrics,
+        max_stream_inflight: int,
+    ) -> None:
+        self._pipeline = pipeline
+        self._model_info = model_info
+        self._metrics = metrics
+        self._max_stream_inflight = max_stream_inflight
+
+    async def Classify(
+        self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ClassifyResponse:
+        response, code, message = await self._classify_one(request, context, "Classify")
+        if response is None:
+            await context.abort(code, message)
+        return response
+
+    async def ClassifyStream(
+        self, request_iterator: AsyncIterator[pb.ClassifyRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ClassifyStreamResponse]:
+        # Items are handled concurrently (so they can share batches) and answered as each finishes;
+        # at most max_stream_inflight at once, after which we stop reading (HTTP/2 flow control
+        # then holds the client back).
+        answers: asyncio.Queue[pb.ClassifyStreamResponse | None] = asyncio.Queue()
+        slots = asyncio.Semaphore(self._max_stream_inflight)
+        items: set[asyncio.Task[None]] = set()
+
+        async def answer(request: pb.ClassifyRequest) -> None:
+            try:
+                response, code, message = await self._classify_one(request, context, "ClassifyStream")
+            finally:
+                slots.release()
+            if response is not None:
+                answers.put_nowait(
+                    pb.ClassifyStreamResponse(request_id=response.request_id, response=response)
+                )
+            else:
+                error = pb.ItemError(code=code.value[0], message=message)
+                answers.put_nowait(
+                    pb.ClassifyStreamResponse(request_id=self._request_id(request), error=error)
+                )
+
+        async def read_all() -> None:
+            try:
+                async for request in request_iterator:
+                    await slots.acquire()
+                    task = asyncio.create_task(answer(request))
+                    items.add(task)
+                    task.add_done_callback(items.discard)
+                if items:
+                    await asyncio.gather(*items)
+            finally:
+                answers.put_nowait(None)
+
+        reader = asyncio.create_task(read_all())
+        try:
+            while (response := await answers.get()) is not None:
+                yield response
+            await reader  # re-raises if reading the requests failed
+        finally:
+            reader.cancel()
+            for task in list(items):
+                task.cancel()
+
+    async def GetModelInfo(
+        self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInfo:
+        self._metrics.requests.labels("GetModelInfo", "OK").inc()
+        self._metrics.request_seconds.labels("GetModelInfo", "OK").observe(0.0)
+        return self._model_info
+
+    def _request_id(self, request: pb.ClassifyRequest) -> str:
+        # Made up once per request message and remembered on it, so an error response carries it too.
+        if not request.request_id:
+            request.request_id = uuid.uuid4().hex
+        return request.request_id
+
+    async def _classify_one(
+        self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext, method: str
+    ) -> tuple[pb.ClassifyResponse | None, grpc.StatusCode, str]:
+        """Classify one request; returns (response, OK, "") or (None, status code, message)."""
+        started = time.monotonic()
+        code, message = grpc.StatusCode.OK, ""
+        self._metrics.inflight.inc()
+        try:
+            remaining = context.time_remaining()
+            deadline = None if remaining is None else started + remaining
+            request_id = self._request_id(request)
+            prediction = await self._pipeline.classify(to_query(request, request_id), deadline)
+            return to_response(prediction), code, message
+        except asyncio.CancelledError:
+            # gRPC cancels the handler when the client goes away or the deadline passes.
+            remaining = context.time_remaining()
+            expired = remaining is not None and remaining <= 0
+            code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+            raise
+        except Exception as exc:
+            code, message = status_for(exc)
+            if code is grpc.StatusCode.INTERNAL:
+                _log.exception("request failed", extra={"fields": {"request_id": request.request_id}})
+            return None, code, message
+        finally:
+            self._metrics.inflight.dec()
+            self._record(method, code, started, request.request_id, message)
+
+    def _record(
+        self, method: str, code: grpc.StatusCode, started: float, request_id: str, message: str
+    ) -> None:
+        seconds = time.monotonic() - started
+        name = code.name
+        self._metrics.requests.labels(method, name).inc()
+        self._metrics.images.labels(method, name).inc()
+        self._metrics.request_seconds.labels(method, name).observe(seconds)
+        fields = {"request_id": request_id, "method": method, "code": name, "seconds": round(seconds, 6)}
+        if code is grpc.StatusCode.OK:
+            _log.debug("request", extra={"fields": fields})
+        else:
+            _log.info("request", extra={"fields": {**fields, "message": message}})

@@ -1,0 +1,119 @@
+"""Start-up, health, SIGTERM with requests in flight, and refusals of bad settings: the real process."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import grpc
+import pytest
+import torch
+from cbam.v1 import inference_pb2 as pb
+from cbam.v1 import inference_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tests.support import ROOT, ServerProcess, server_env
+
+
+def test_serving_line_and_health(served) -> None:
+    (serving,) = served.events_named("serving")
+    assert serving["port"] == served.port and serving["metrics_port"] == served.metrics_port
+    with grpc.insecure_channel(served.address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "cbam.v1.InferenceService"):
+            response = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+            assert response.status == health_pb2.HealthCheckResponse.SERVING
+    assert b"cbam_requests_total" in urllib.request.urlopen(served.metrics_url, timeout=10).read()
+
+
+def _inflight(url: str) -> float:
+    for line in urllib.request.urlopen(url, timeout=10).read().decode().splitlines():
+        if line.startswith("cbam_inflight_requests "):
+            return float(line.split()[1])
+    return 0.0
+
+
+def test_sigterm_answers_everything_in_flight_and_exits_0(samples) -> None:
+    n = 150
+    args = ("--batching.max_batch_size", "1", "--batching.max_batch_delay_ms", "0")
+    with ServerProcess(*args) as server, grpc.insecure_channel(server.address) as channel:
+        stub = inference_pb2_grpc.InferenceServiceStub(channel)
+        calls = [
+            stub.Classify.future(pb.ClassifyRequest(encoded=samples[i % 20][0]), timeout=60) for i in range(n)
+        ]
+        # Wait until the server has taken every call (one image per forward: most are still queued).
+        deadline = time.monotonic() + 20
+        while (inflight := _inflight(server.metrics_url)) + sum(c.done() for c in calls) < n:
+            assert time.monotonic() < deadline
+        assert inflight > 20
+        assert server.stop(signal.SIGTERM, timeout=60) == 0
+        results = [call.result() for call in calls]
+    assert len(results) == n and all(r.labels for r in results)
+    events = [e["event"] for e in server.events]
+    assert events.index("draining") < events.index("stopped")
+    assert "Traceback" not in server.output
+
+
+def test_sigint_on_an_idle_server_exits_0() -> None:
+    with ServerProcess() as server:
+        assert server.stop(signal.SIGINT, timeout=30) == 0
+
+
+def test_settings_from_file_env_and_flags_reach_the_server(tmp_path) -> None:
+    config = tmp_path / "cbam.yaml"
+    config.write_text("batching:\n  max_batch_size: 3\n  max_queue: 7\n  max_batch_delay_ms: 1\n")
+    with (
+        ServerProcess(
+            "--config",
+            str(config),
+            "--batching.max_batch_delay_ms",
+            "4",
+            env={"CBAM_BATCHING__MAX_QUEUE": "8"},
+        ) as server,
+        grpc.insecure_channel(server.address) as channel,
+    ):
+        info = inference_pb2_grpc.InferenceServiceStub(channel).GetModelInfo(
+            pb.GetModelInfoRequest(), timeout=10
+        )
+    assert (info.batching.max_batch_size, info.batching.max_batch_delay_ms, info.batching.max_queue) == (
+        3,
+        4.0,
+        8,
+    )
+
+
+def _refusal(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "server", "--port", "0", "--metrics-port", "0", *args],
+        cwd=ROOT, env=server_env(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("args", "field"),
+    [
+        (("--batching.max_batch_size", "-4"), "batching.max_batch_size"),
+        (("--model.device", "quantum"), "model.device"),
+        (("--checkpoint", "/no/such/model.safetensors"), "model.checkpoint"),
+        (("--model.dtype", "float16", "--model.device", "cpu"), "model.dtype"),
+    ],
+)
+def test_bad_settings_stop_the_start_with_exit_2_naming_the_field(args: tuple[str, ...], field: str) -> None:
+    result = _refusal(*args)
+    assert result.returncode == 2, result.stderr
+    assert field in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_cuda_without_cuda_is_refused() -> None:
+    result = _refusal("--model.device", "cuda")
+    assert result.returncode == 2 and "model.device" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_serving_line_is_json(served) -> None:
+    line = next(line for line in served.lines if '"serving"' in line)
+    assert json.loads(line)["level"] == "INFO"

@@ -1,0 +1,71 @@
+"""The live /metrics endpoint counts exactly what was asked of the server."""
+
+from __future__ import annotations
+
+import urllib.request
+
+import grpc
+import pytest
+from cbam.v1 import inference_pb2 as pb
+from cbam.v1 import inference_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.support import ServerProcess
+
+
+def scrape(url: str) -> dict[tuple[str, frozenset], float]:
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def test_counters_and_histograms_count_exactly(samples) -> None:
+    with (
+        ServerProcess("--batching.max_batch_delay_ms", "0") as server,
+        grpc.insecure_channel(server.address) as ch,
+    ):
+        stub = inference_pb2_grpc.InferenceServiceStub(ch)
+        for image, _ in samples[:5]:
+            stub.Classify(pb.ClassifyRequest(encoded=image), timeout=30)
+        for bad in (b"", b"garbage", b"\x89PNG\r\n\x1a\n broken"):  # preprocessed, then refused
+            with pytest.raises(grpc.RpcError):
+                stub.Classify(pb.ClassifyRequest(encoded=bad), timeout=30)
+        for _ in range(2):  # refused before preprocessing
+            with pytest.raises(grpc.RpcError):
+                stub.Classify(pb.ClassifyRequest(encoded=samples[0][0], top_k=11), timeout=30)
+        stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=30)
+        items = [pb.ClassifyRequest(encoded=samples[1][0]), pb.ClassifyRequest(encoded=b"?"),
+                 pb.ClassifyRequest(encoded=samples[2][0])]  # fmt: skip
+        assert len(list(stub.ClassifyStream(iter(items), timeout=30))) == 3
+        m = scrape(server.metrics_url)
+
+    def value(name: str, **labels: str) -> float:
+        return m.get((name, frozenset(labels.items())), 0.0)
+
+    calls = {("Classify", "OK"): 5, ("Classify", "INVALID_ARGUMENT"): 5,
+             ("ClassifyStream", "OK"): 2, ("ClassifyStream", "INVALID_ARGUMENT"): 1}  # fmt: skip
+    for (method, code), n in calls.items():
+        assert value("cbam_requests_total", method=method, code=code) == n, (method, code)
+        assert value("cbam_images_total", method=method, code=code) == n, (method, code)
+        assert value("cbam_request_duration_seconds_count", method=method, code=code) == n
+        assert value("cbam_request_duration_seconds_bucket", method=method, code=code, le="+Inf") == n
+    assert value("cbam_requests_total", method="GetModelInfo", code="OK") == 1
+    assert value("cbam_images_total", method="GetModelInfo", code="OK") == 0
+    assert sum(v for (name, _), v in m.items() if name == "cbam_requests_total") == 14
+
+    assert value("cbam_stage_duration_seconds_count", stage="preprocess") == 5 + 3 + 2 + 1
+    assert value("cbam_stage_duration_seconds_count", stage="queue") == 7
+    assert value("cbam_stage_duration_seconds_count", stage="postprocess") == 7
+    batches = value("cbam_batch_size_count")
+    assert value("cbam_batch_size_sum") == 7 and 1 <= batches <= 7
+    assert value("cbam_stage_duration_seconds_count", stage="inference") == batches
+    assert value("cbam_batch_size_bucket", le="1.0") <= batches == value("cbam_batch_size_bucket", le="+Inf")
+    assert value("cbam_inflight_requests") == 0 and value("cbam_queue_depth") == 0
+    for reason in ("deadline", "cancelled", "overloaded"):
+        assert value("cbam_dropped_requests_total", reason=reason) == 0
+    info = next(labels for (name, labels) in m if name == "cbam_model_info")
+    assert dict(info) == {"arch": "cbam_resnet8_cifar", "version": dict(info)["version"], "device": "cpu",
+                          "dtype": "float32"}  # fmt: skip
