@@ -54,7 +54,10 @@ def test_folders_are_searched_for_images_in_order(tmp_path):
     for name in ("b/2.png", "1.JPG", "notes.txt", "b/0.webp"):
         (tmp_path / name).write_bytes(b"x")
     assert find_images([tmp_path, tmp_path / "notes.txt"]) == [
-        tmp_path / "1.JPG", tmp_path / "b/0.webp", tmp_path / "b/2.png", tmp_path / "notes.txt",
+        tmp_path / "1.JPG",
+        tmp_path / "b/0.webp",
+        tmp_path / "b/2.png",
+        tmp_path / "notes.txt",
     ]
 
 

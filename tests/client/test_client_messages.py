@@ -10,8 +10,11 @@ from client._messages import build_request, decode_attention_map, to_model_info,
 
 def _float16_map(block, kind, values: np.ndarray) -> inference_pb2.AttentionMap:
     return inference_pb2.AttentionMap(
-        block=block, kind=kind, shape=list(values.shape),
-        format=inference_pb2.ATTENTION_FORMAT_FLOAT16, data=values.astype("<f2").tobytes(),
+        block=block,
+        kind=kind,
+        shape=list(values.shape),
+        format=inference_pb2.ATTENTION_FORMAT_FLOAT16,
+        data=values.astype("<f2").tobytes(),
     )
 
 
@@ -20,8 +23,11 @@ def _png_map(block, kind, values: np.ndarray) -> inference_pb2.AttentionMap:
     buffer = io.BytesIO()
     Image.fromarray(pixels.reshape(1, -1) if pixels.ndim == 1 else pixels, "L").save(buffer, format="PNG")
     return inference_pb2.AttentionMap(
-        block=block, kind=kind, shape=list(values.shape),
-        format=inference_pb2.ATTENTION_FORMAT_PNG, data=buffer.getvalue(),
+        block=block,
+        kind=kind,
+        shape=list(values.shape),
+        format=inference_pb2.ATTENTION_FORMAT_PNG,
+        data=buffer.getvalue(),
     )
 
 
@@ -48,8 +54,10 @@ def test_map_whose_data_disagrees_with_its_shape_is_refused():
 def test_prediction_groups_maps_by_block_in_network_order():
     response = inference_pb2.ClassifyResponse(
         request_id="r1",
-        labels=[inference_pb2.Label(index=3, name="three", probability=0.75),
-                inference_pb2.Label(index=8, name="eight", probability=0.25)],
+        labels=[
+            inference_pb2.Label(index=3, name="three", probability=0.75),
+            inference_pb2.Label(index=8, name="eight", probability=0.25),
+        ],
         attention=[
             _float16_map("layer1.0", inference_pb2.ATTENTION_KIND_CHANNEL, np.full(8, 0.5)),
             _float16_map("layer1.0", inference_pb2.ATTENTION_KIND_SPATIAL, np.full((4, 4), 0.25)),
@@ -69,8 +77,14 @@ def test_prediction_groups_maps_by_block_in_network_order():
 
 
 def test_request_carries_the_attention_asked_for():
-    request = build_request(b"png", request_id="a", top_k=3, attention="spatial",
-                            attention_blocks=["layer1.0"], attention_format="png")
+    request = build_request(
+        b"png",
+        request_id="a",
+        top_k=3,
+        attention="spatial",
+        attention_blocks=["layer1.0"],
+        attention_format="png",
+    )
     assert request.top_k == 3 and request.request_id == "a"
     assert request.attention.kind == inference_pb2.ATTENTION_KIND_SPATIAL
     assert list(request.attention.blocks) == ["layer1.0"]
@@ -81,8 +95,11 @@ def test_request_carries_the_attention_asked_for():
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({"top_k": -1}, "top_k should be >= 0"), ({"attention": "all"}, "attention should be one of"),
-     ({"attention_format": "jpeg"}, "attention_format should be one of")],
+    [
+        ({"top_k": -1}, "top_k should be >= 0"),
+        ({"attention": "all"}, "attention should be one of"),
+        ({"attention_format": "jpeg"}, "attention_format should be one of"),
+    ],
 )
 def test_bad_request_arguments_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -90,11 +107,19 @@ def test_bad_request_arguments_are_refused(kwargs, message):
 
 
 def test_model_info_becomes_plain_types():
-    info = to_model_info(inference_pb2.ModelInfo(
-        arch="cbam_resnet8_cifar", labels=["0", "1"], input_height=32, input_width=30, mean=[0.5] * 3,
-        std=[0.25] * 3, attention_blocks=["layer1.0"], num_parameters=1234,
-        batching=inference_pb2.BatchingInfo(max_batch_size=32, max_batch_delay_ms=2.0, max_queue=1024),
-    ))
+    info = to_model_info(
+        inference_pb2.ModelInfo(
+            arch="cbam_resnet8_cifar",
+            labels=["0", "1"],
+            input_height=32,
+            input_width=30,
+            mean=[0.5] * 3,
+            std=[0.25] * 3,
+            attention_blocks=["layer1.0"],
+            num_parameters=1234,
+            batching=inference_pb2.BatchingInfo(max_batch_size=32, max_batch_delay_ms=2.0, max_queue=1024),
+        )
+    )
     assert info.input_size == (32, 30)
     assert info.batching.max_batch_size == 32
     assert info.labels == ["0", "1"] and info.mean == (0.5, 0.5, 0.5)

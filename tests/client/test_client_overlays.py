@@ -35,7 +35,10 @@ def test_pictures_of_one_prediction(tmp_path):
     )
     written = save_attention_pictures(prediction, Image.new("L", (40, 30)), tmp_path / "x")
     assert sorted(p.name for p in written) == [
-        "channel.png", "spatial_grid.png", "spatial_layer1.0.png", "spatial_layer2.0.png",
+        "channel.png",
+        "spatial_grid.png",
+        "spatial_layer1.0.png",
+        "spatial_layer2.0.png",
     ]
     with Image.open(tmp_path / "x" / "spatial_grid.png") as grid:
         assert grid.size == (2 * 160, 160 + 14)
