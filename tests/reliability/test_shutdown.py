@@ -1,0 +1,126 @@
+"""SIGTERM under load: every request the server accepted gets its answer or a definite status.
+
+The server logs the outcome of every request (at DEBUG, with its request_id), so each call the
+client made is one of:
+    answered   OK
+    rejected   refused with a status the server decided (it logged the same code), or never
+               accepted at all (UNAVAILABLE, and the server has no record of it)
+    lost       anything else: the server finished it but the client never heard, or the call ended
+               in a way nobody decided (DEADLINE_EXCEEDED with a long deadline, a broken stream...)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import signal
+import time
+
+import grpc
+import pytest
+from cbam.v1 import inference_pb2 as pb
+
+from tests.reliability import corpus
+from tests.reliability.conftest import stub_for
+from tests.support import ServerProcess
+
+pytestmark = pytest.mark.timeout(120)
+
+GRACE_S = 10
+IMAGE = corpus.encode(corpus.picture(32, 32, seed=4))
+CALL_TIMEOUT_S = 60  # far beyond the grace period: a DEADLINE_EXCEEDED means a hang
+
+
+class Ledger:
+    def __init__(self) -> None:
+        self.client: dict[str, tuple[str, str]] = {}  # request_id -> (code name, details)
+        self._ids = itertools.count()
+
+    def new_id(self, kind: str) -> str:
+        return f"{kind}-{next(self._ids)}"
+
+
+async def _unary_worker(stub, ledger: Ledger, stopping: asyncio.Event) -> None:
+    while True:
+        request_id = ledger.new_id("u")
+        try:
+            request = pb.ClassifyRequest(request_id=request_id, encoded=IMAGE)
+            await stub.Classify(request, timeout=CALL_TIMEOUT_S)
+            ledger.client[request_id] = ("OK", "")
+        except grpc.aio.AioRpcError as exc:
+            ledger.client[request_id] = (exc.code().name, exc.details() or "")
+            if stopping.is_set():
+                return
+        if stopping.is_set() and ledger.client[request_id][0] != "OK":
+            return
+
+
+async def _stream_worker(stub, ledger: Ledger, stopping: asyncio.Event) -> None:
+    while True:
+        ids = [ledger.new_id("s") for _ in range(12)]
+        requests = [pb.ClassifyRequest(request_id=i, encoded=IMAGE) for i in ids]
+        seen: set[str] = set()
+        try:
+            async for answer in stub.ClassifyStream(iter(requests), timeout=CALL_TIMEOUT_S):
+                seen.add(answer.request_id)
+                if answer.WhichOneof("outcome") == "response":
+                    ledger.client[answer.request_id] = ("OK", "")
+                else:
+                    code = next(c for c in grpc.StatusCode if c.value[0] == answer.error.code)
+                    ledger.client[answer.request_id] = (code.name, answer.error.message)
+        except grpc.aio.AioRpcError as exc:
+            for i in ids:
+                if i not in seen:
+                    ledger.client[i] = (exc.code().name, f"stream ended: {exc.details()}")
+            if stopping.is_set():
+                return
+        if stopping.is_set() and any(ledger.client[i][0] != "OK" for i in ids):
+            return
+
+
+def _tally(ledger: Ledger, server_codes: dict[str, str]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {"answered": [], "rejected": [], "lost": []}
+    for request_id, (code, details) in ledger.client.items():
+        logged = server_codes.get(request_id)
+        if code == "OK":
+            kind = "answered" if logged in (None, "OK") else "lost"
+        elif logged is not None:
+            kind = "rejected" if logged == code else "lost"  # the server decided; did the client hear it?
+        else:
+            kind = "rejected" if code == "UNAVAILABLE" else "lost"  # never reached a handler
+        out[kind].append(f"{request_id}: client {code} ({details[:80]}), server {logged}")
+    return out
+
+
+async def test_sigterm_under_load_loses_no_accepted_request():
+    with ServerProcess(
+        "--log.level", "DEBUG", "--grace_seconds", str(GRACE_S), "--batching.max_batch_delay_ms", "20",
+    ) as server:  # fmt: skip
+        ledger, stopping = Ledger(), asyncio.Event()
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            stub = stub_for(channel)
+            workers = [asyncio.create_task(_unary_worker(stub, ledger, stopping)) for _ in range(8)]
+            workers += [asyncio.create_task(_stream_worker(stub, ledger, stopping)) for _ in range(2)]
+            await asyncio.sleep(2.0)
+            sent_before_sigterm = len(ledger.client)
+            stopping.set()
+            started = time.monotonic()
+            exit_code = await asyncio.to_thread(server.stop, signal.SIGTERM, GRACE_S + 20)
+            took = time.monotonic() - started
+            await asyncio.wait_for(asyncio.gather(*workers), timeout=30)
+
+    server_codes = {
+        e["request_id"]: e["code"] for e in server.events_named("request") if "request_id" in e
+    }
+    tally = _tally(ledger, server_codes)
+    sent = len(ledger.client)
+    print(f"\nSIGTERM under load: sent {sent} (before SIGTERM {sent_before_sigterm}), "
+          f"answered {len(tally['answered'])}, rejected {len(tally['rejected'])}, lost {len(tally['lost'])}; "
+          f"server exited {exit_code} after {took:.1f} s")  # fmt: skip
+    assert exit_code == 0
+    assert took < GRACE_S + 5
+    assert server.events_named("draining") and server.events_named("stopped")
+    assert sent_before_sigterm > 50, "too little load to mean anything"
+    assert len(tally["answered"]) >= sent_before_sigterm * 0.9
+    assert tally["rejected"], "no call came after SIGTERM: the test did not cover the refusal path"
+    assert not tally["lost"], "\n".join(tally["lost"][:20])
