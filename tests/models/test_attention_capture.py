@@ -139,3 +139,13 @@ def test_onnx_export_matches(model, tmp_path):
     (logits,) = session.run(None, {"x": x.numpy()})
     with torch.no_grad():
         torch.testing.assert_close(torch.from_numpy(logits), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_inference_and_autograd_paths_agree(model):
+    # Without autograd CBAM multiplies the spatial map in place; with it, it must not.
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        no_grad_logits, no_grad_maps = model.forward_with_attention(x)
+    logits, maps = model.forward_with_attention(x)
+    assert torch.equal(logits.detach(), no_grad_logits)
+    assert torch.equal(maps["layer3.2"].spatial.detach(), no_grad_maps["layer3.2"].spatial)
