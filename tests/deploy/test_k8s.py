@@ -9,7 +9,9 @@ import pytest
 import yaml
 from deploy_support import REPO, load_yaml_documents
 
+from client import Client
 from server.config import Settings
+from tests.support import ServerProcess
 
 K8S = REPO / "deploy/k8s"
 KUSTOMIZATION = yaml.safe_load((K8S / "kustomization.yaml").read_text(encoding="utf-8"))
@@ -159,3 +161,18 @@ def test_hpa_scales_the_deployment_on_queue_depth():
     config = _server_config()
     assert 0 < average < config["batching"]["max_queue"], "scale long before the queue fills and sheds"
     assert hpa["minReplicas"] <= DEPLOYMENT["spec"]["replicas"] <= hpa["maxReplicas"]
+
+
+@pytest.mark.slow
+def test_the_server_starts_from_the_configmap(tmp_path):
+    # As the pod runs it (`--config FILE`), on CPU: this machine has no GPU for device cuda / float16.
+    config = tmp_path / "cbam-serve.yaml"
+    config.write_text(yaml.safe_dump(_server_config()))
+    cpu = {"CBAM_MODEL__DEVICE": "cpu", "CBAM_MODEL__DTYPE": "float32"}
+    with (
+        ServerProcess("--config", str(config), env=cpu) as server,
+        Client(server.address, timeout=10) as client,
+    ):
+        info = client.model_info()
+    assert info.batching.max_batch_size == _server_config()["batching"]["max_batch_size"]
+    assert info.batching.max_queue == _server_config()["batching"]["max_queue"]
