@@ -224,6 +224,11 @@ def test_grafana_is_provisioned_from_the_repo():
     host, port = re.fullmatch(r"http://([\w-]+):(\d+)", datasource["url"]).groups()
     assert host in SERVICES and host == "prometheus"
     assert (int(port), int(port)) in _published(SERVICES["prometheus"])
+    # $__rate_interval is built from timeInterval: it must be the real scrape interval.
+    prometheus_config = yaml.safe_load(
+        (REPO / "deploy/prometheus/prometheus.yml").read_text(encoding="utf-8")
+    )
+    assert datasource["jsonData"]["timeInterval"] == prometheus_config["global"]["scrape_interval"]
 
 
 def test_locust_runs_distributed_against_the_service():
