@@ -21,7 +21,7 @@ import pytest
 from cbam.v1 import inference_pb2 as pb
 
 from tests.reliability import corpus
-from tests.reliability.conftest import stub_for
+from tests.reliability.probes import stub_for
 from tests.support import ServerProcess
 
 pytestmark = pytest.mark.timeout(120)
