@@ -6,19 +6,15 @@ every attempt.
 
 from __future__ import annotations
 
-import json
-import socket
 import threading
-import urllib.request
 from collections.abc import Iterator
 from concurrent import futures
-from pathlib import Path
 
 import grpc
 import pytest
 from cbam.v1 import inference_pb2, inference_pb2_grpc
 
-from tests.support import ROOT, ServerProcess
+from tests.support import ServerProcess
 
 
 class ScriptedInference(inference_pb2_grpc.InferenceServiceServicer):
@@ -93,38 +89,6 @@ def scripted():
     server.start()
     yield servicer, f"127.0.0.1:{port}"
     server.stop(grace=None)
-
-
-# --- the real server -------------------------------------------------------------------------------
-
-SAMPLES = ROOT / "models" / "default" / "samples"
-FIRST_SAMPLE = SAMPLES / "digit0_0386.png"
-
-
-def sample_labels() -> dict[Path, str]:
-    """Every sample PNG and its true label."""
-    labels = json.loads((SAMPLES / "labels.json").read_text())
-    return {SAMPLES / name: label for name, label in sorted(labels.items())}
-
-
-def requests_total(metrics_url: str, method: str, code: str = "OK") -> float:
-    """cbam_requests_total{method, code} scraped from a server's /metrics (0 when absent)."""
-    text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
-    wanted = {f'method="{method}"', f'code="{code}"'}
-    for line in text.splitlines():
-        if line.startswith("cbam_requests_total{"):
-            labels = set(line[line.index("{") + 1 : line.index("}")].split(","))
-            if wanted <= labels:
-                return float(line.rsplit(" ", 1)[1])
-    return 0.0
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port nothing listens on now (bound, then released: good enough on loopback)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family) as probe:
-        probe.bind((host, 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

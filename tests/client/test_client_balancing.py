@@ -1,7 +1,7 @@
 """Client-side balancing (issue 7 §2): round_robin over a list of replicas, and over a dns:/// name."""
 
 import pytest
-from conftest import free_port, requests_total
+from real_server import free_port, requests_total
 
 from client import Client, build_target
 from tests.support import ServerProcess

@@ -6,8 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import FIRST_SAMPLE, SAMPLES, sample_labels
 from PIL import Image
+from real_server import FIRST_SAMPLE, SAMPLES, sample_labels
 
 from client.cli import main
 

@@ -6,8 +6,8 @@ import time
 import grpc
 import numpy as np
 import pytest
-from conftest import free_port, requests_total, sample_labels
 from PIL import Image
+from real_server import free_port, requests_total, sample_labels
 
 from client import AsyncClient, Client, InvalidArgumentError, RetryPolicy
 from tests.support import ServerProcess
@@ -128,3 +128,11 @@ def test_retries_on_unavailable_until_a_late_server_comes_up():
         caller.join(timeout=120)
     assert outcome.get("label") == LABELS[FIRST], outcome
     assert outcome["seconds"] > 1.0
+
+
+def test_stream_in_lockstep_one_image_at_a_time(live):
+    # A request read after the first answer once failed the whole stream (a server closure bug).
+    with Client(live.address) as client:
+        # each image goes out only after the answer to the one before
+        predictions = client.classify_many([FIRST] * 3, max_inflight=1)
+    assert [p.top.name for p in predictions] == [LABELS[FIRST]] * 3

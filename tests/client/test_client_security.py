@@ -2,7 +2,7 @@
 
 import grpc
 import pytest
-from conftest import FIRST_SAMPLE
+from real_server import FIRST_SAMPLE
 
 from client import AuthenticationError, Client, TlsConfig, UnavailableError
 from client.cli import main

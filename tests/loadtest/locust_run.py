@@ -1,0 +1,45 @@
+"""Running Locust on our locustfile as a subprocess (it patches the standard library with gevent on
+import, which has no place inside pytest's own process), and reading its CSV statistics."""
+
+from __future__ import annotations
+
+import csv
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.support import ROOT, server_env
+
+LOCUSTFILE = ROOT / "loadtest" / "locustfile.py"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def locust(*args: str) -> list[str]:
+    """The command line of Locust on our locustfile."""
+    executable = Path(sys.executable).parent / "locust"
+    command = [str(executable)] if executable.exists() else [sys.executable, "-m", "locust"]
+    return [*command, "-f", str(LOCUSTFILE), *args]
+
+
+def run_env() -> dict[str, str]:
+    return {**server_env(), "PYTHONWARNINGS": "ignore"}
+
+
+def start(command: list[str], log: Path) -> subprocess.Popen:
+    """Start `command` in the background, its output going to `log` (the child keeps its own handle)."""
+    with open(log, "w") as handle:
+        return subprocess.Popen(command, cwd=ROOT, env=run_env(), stdout=handle, stderr=subprocess.STDOUT)
+
+
+def stats(csv_prefix: Path) -> dict[str, dict[str, str]]:
+    """Locust's <prefix>_stats.csv by request name ("Aggregated" for the total)."""
+    with open(f"{csv_prefix}_stats.csv", newline="") as handle:
+        return {row["Name"]: row for row in csv.DictReader(handle)}
+
+

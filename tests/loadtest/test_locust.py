@@ -1,0 +1,62 @@
+"""The Locust user, headless and in distributed mode, against a real cbam-serve on loopback."""
+
+import subprocess
+
+from locust_run import free_port, locust, run_env, start, stats
+
+from tests.support import ROOT
+
+RUN = ["--headless", "-u", "4", "-r", "4", "-t", "4s", "--only-summary", "--stop-timeout", "5"]
+
+
+def test_headless_run_reports_every_kind_of_call_and_writes_csv_and_html(live, tmp_path):
+    command = locust(
+        *RUN, "--host", live.address, "--csv", str(tmp_path / "run"), "--html", str(tmp_path / "run.html"),
+        "--cbam-attention-share", "0.3", "--cbam-stream-share", "0.3", "--cbam-stream-size", "4",
+    )  # fmt: skip
+    done = subprocess.run(command, cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=90)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = stats(tmp_path / "run")
+    for name in ("Classify", "Classify+attention", "ClassifyStream item"):
+        assert int(rows[name]["Request Count"]) > 0, name
+        assert rows[name]["Type"] == "grpc"
+        assert float(rows[name]["Average Content Size"]) > 0
+    assert int(rows["Aggregated"]["Failure Count"]) == 0
+    assert (tmp_path / "run.html").stat().st_size > 10_000
+
+
+def test_failures_are_reported_as_failures(tmp_path):
+    command = locust(*RUN, "-t", "2s", "--host", f"127.0.0.1:{free_port()}", "--csv", str(tmp_path / "down"))
+    done = subprocess.run(command, cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1  # Locust's exit status when requests failed
+    rows = stats(tmp_path / "down")
+    assert int(rows["Classify"]["Failure Count"]) == int(rows["Classify"]["Request Count"]) > 0
+
+
+def test_distributed_master_and_two_workers(live, tmp_path):
+    port = str(free_port())
+    master = start(
+        locust(
+            *RUN, "--master", "--master-bind-host", "127.0.0.1", "--master-bind-port", port,
+            "--expect-workers", "2", "--expect-workers-max-wait", "60",
+            "--host", live.address, "--csv", str(tmp_path / "dist"), "--cbam-stream-share", "0.5",
+        ),
+        tmp_path / "master.log",
+    )  # fmt: skip
+    worker = locust("--worker", "--master-host", "127.0.0.1", "--master-port", port)
+    workers = [start(worker, tmp_path / f"worker{i}.log") for i in range(2)]
+    try:
+        assert master.wait(timeout=120) == 0, (tmp_path / "master.log").read_text()
+        for worker in workers:
+            assert worker.wait(timeout=30) == 0
+    finally:
+        for process in (master, *workers):
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    log = (tmp_path / "master.log").read_text()
+    assert "2 workers connected" in log and "to 2 ready workers" in log
+    rows = stats(tmp_path / "dist")
+    assert int(rows["Classify"]["Request Count"]) > 0
+    assert int(rows["ClassifyStream item"]["Request Count"]) > 0
+    assert int(rows["Aggregated"]["Failure Count"]) == 0
