@@ -12,12 +12,12 @@ import logging
 import signal
 
 import grpc
+import torch
 from cbam.v1 import inference_pb2 as pb
 from cbam.v1 import inference_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
-from PIL import Image
 
 from server.config import Settings
 from server.metrics import MetricsEndpoint, ServerMetrics
@@ -39,6 +39,7 @@ class InferenceServer:
         settings: Settings,
         grpc_server: grpc.aio.Server,
         pipeline: InferencePipeline,
+        servicer: InferenceServicer,
         health: HealthServicer,
         metrics: ServerMetrics,
         port: int,
@@ -46,6 +47,7 @@ class InferenceServer:
         self.settings = settings
         self.grpc_server = grpc_server
         self.pipeline = pipeline
+        self.servicer = servicer
         self.health = health
         self.metrics = metrics
         self.port = port
@@ -67,20 +69,38 @@ class InferenceServer:
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         d = self.pipeline.description
-        _log.info("serving", extra={"fields": {
-            "port": self.port, "metrics_port": self.metrics_port, "arch": d.arch, "version": d.version,
-            "device": d.device, "dtype": d.dtype, "max_batch_size": self.settings.batching.max_batch_size,
-        }})  # fmt: skip
+        fields = {
+            "port": self.port,
+            "metrics_port": self.metrics_port,
+            "arch": d.arch,
+            "version": d.version,
+            "device": d.device,
+            "dtype": d.dtype,
+            "max_batch_size": self.settings.batching.max_batch_size,
+            "torch_threads": torch.get_num_threads(),
+            "torch_interop_threads": torch.get_num_interop_threads(),
+        }
+        _log.info("serving", extra={"fields": fields})
 
     async def stop(self, grace: float | None = None) -> None:
-        """Drain: NOT_SERVING first, refuse new calls, let calls in flight (and so everything queued)
-        finish for up to ``grace`` seconds (settings.grace_seconds by default), then cancel the rest."""
+        """Drain, then stop. ``grace`` (settings.grace_seconds by default) bounds the wait for what
+        was already taken; anything still running after it is cancelled.
+
+        1. health NOT_SERVING for every service, then ``drain_delay_seconds`` of normal serving;
+        2. new calls (and new stream items) are answered UNAVAILABLE, while everything taken
+           (preprocessing, queued, computing) is finished: the batcher runs until its queue is empty;
+        3. gRPC stops accepting, and the inference threads and /metrics endpoint close.
+        """
         grace = self.settings.grace_seconds if grace is None else grace
         _log.info("draining", extra={"fields": {"grace_seconds": grace}})
         await self.health.enter_graceful_shutdown()
         if self.settings.drain_delay_seconds:
             await asyncio.sleep(self.settings.drain_delay_seconds)
-        await self.grpc_server.stop(grace)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        self.servicer.refuse_new_work()
+        await self.servicer.wait_drained(timeout=grace)
+        await self.grpc_server.stop(max(0.0, deadline - loop.time()))
         await self.pipeline.close()
         if self._metrics_endpoint is not None:
             self._metrics_endpoint.close()
@@ -93,16 +113,11 @@ class InferenceServer:
 def build_server(settings: Settings) -> tuple[InferenceServer, int]:
     """Load the model and bind the port (0 picks a free one); call within a running event loop."""
     configure_torch_threads()
-    # Pillow's process-wide bomb check would warn (or fail) on its own fixed limit; preprocess checks
-    # every image against settings.limits.max_image_pixels from its header instead.
-    Image.MAX_IMAGE_PIXELS = None
     metrics = ServerMetrics()
     runner = ModelRunner.from_settings(settings.model)
     d = runner.description
     metrics.describe_model(arch=d.arch, version=d.version, device=d.device, dtype=d.dtype)
     if runner.device.type == "cuda":
-        import torch
-
         device = runner.device
         metrics.watch_cuda_memory(
             str(device),
@@ -122,9 +137,8 @@ def build_server(settings: Settings) -> tuple[InferenceServer, int]:
         maximum_concurrent_rpcs=limits.max_concurrent_rpcs,
         interceptors=_interceptors(settings),
     )
-    inference_pb2_grpc.add_InferenceServiceServicer_to_server(
-        InferenceServicer(pipeline, model_info(d, settings), metrics, limits.max_stream_inflight), server
-    )
+    servicer = InferenceServicer(pipeline, model_info(d, settings), metrics, limits.max_stream_inflight)
+    inference_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     if settings.reflection:
@@ -136,7 +150,7 @@ def build_server(settings: Settings) -> tuple[InferenceServer, int]:
         reflection.enable_server_reflection(names, server)
     address = f"{settings.host}:{settings.port}"
     port = _add_port(server, address, settings)
-    return InferenceServer(settings, server, pipeline, health, metrics, port), port
+    return InferenceServer(settings, server, pipeline, servicer, health, metrics, port), port
 
 
 async def serve(settings: Settings) -> None:

@@ -25,6 +25,7 @@ __all__ = ["InferenceServicer", "status_for", "to_query", "to_response"]
 _log = logging.getLogger(__name__)
 
 MAX_REQUEST_ID_CHARS = 128
+_DEADLINE_SLACK_S = 0.05
 # Most specific first: TooLarge is an InvalidInput that is about size.
 _STATUS: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (TooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
@@ -104,6 +105,26 @@ def to_response(prediction: Prediction) -> pb.ClassifyResponse:
     )
 
 
+class _Stream:
+    """One ClassifyStream call: its answers, and how many of its items are being handled."""
+
+    END = object()  # the client closed its side and every item is answered
+    DRAINED = object()  # the server is draining and every item taken is answered
+
+    def __init__(self) -> None:
+        self.answers: asyncio.Queue[object] = asyncio.Queue()
+        self.pending = 0
+        self.draining = False
+
+    def drain(self) -> None:
+        self.draining = True
+        self.settle()
+
+    def settle(self) -> None:
+        if self.draining and self.pending == 0:
+            self.answers.put_nowait(self.DRAINED)
+
+
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     """cbam.v1.InferenceService over an InferencePipeline."""
 
@@ -118,6 +139,36 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         self._model_info = model_info
         self._metrics = metrics
         self._max_stream_inflight = max_stream_inflight
+        self._draining = False
+        self._active = 0  # calls and stream items taken and not yet answered
+        self._last_arrival = 0.0
+        self._streams: set[_Stream] = set()
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    def refuse_new_work(self) -> None:
+        """Start draining: what was taken is finished; what comes now is refused with UNAVAILABLE.
+
+        gRPC's own stop() would CANCEL the calls it has received but not yet handed to us
+        (grpc/grpc#41785); answering them UNAVAILABLE first tells their clients to go elsewhere.
+        Streams end with UNAVAILABLE once the items they sent before are answered.
+        """
+        self._draining = True
+        for stream in list(self._streams):
+            stream.drain()
+
+    async def wait_drained(self, timeout: float, quiet: float = 0.05) -> None:
+        """Wait (at most ``timeout`` s) until nothing taken is unanswered and, for up to a second
+        more, until no call has arrived for ``quiet`` s (so gRPC has handed us what it holds)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self._active and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        deadline = min(deadline, loop.time() + 1.0)
+        while time.monotonic() - self._last_arrival < quiet and loop.time() < deadline:
+            await asyncio.sleep(0.01)
 
     async def Classify(
         self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext
@@ -133,7 +184,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         # Items are handled concurrently (so they can share batches) and answered as each finishes;
         # at most max_stream_inflight at once, after which we stop reading (HTTP/2 flow control
         # then holds the client back).
-        answers: asyncio.Queue[pb.ClassifyStreamResponse | None] = asyncio.Queue()
+        stream = _Stream()
         slots = asyncio.Semaphore(self._max_stream_inflight)
         items: set[asyncio.Task[None]] = set()
 
@@ -143,33 +194,47 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             finally:
                 slots.release()
             if response is not None:
-                answers.put_nowait(
-                    pb.ClassifyStreamResponse(request_id=response.request_id, response=response)
-                )
+                reply = pb.ClassifyStreamResponse(request_id=response.request_id, response=response)
             else:
                 error = pb.ItemError(code=code.value[0], message=message)
-                answers.put_nowait(
-                    pb.ClassifyStreamResponse(request_id=self._request_id(request), error=error)
-                )
+                reply = pb.ClassifyStreamResponse(request_id=self._request_id(request), error=error)
+            stream.answers.put_nowait(reply)
+            stream.pending -= 1
+            stream.settle()
 
         async def read_all() -> None:
             try:
                 async for request in request_iterator:
                     await slots.acquire()
+                    if stream.draining:  # not taken: the stream ends UNAVAILABLE instead
+                        slots.release()
+                        return
+                    stream.pending += 1
                     task = asyncio.create_task(answer(request))
                     items.add(task)
                     task.add_done_callback(items.discard)
                 if items:
                     await asyncio.gather(*items)
-            finally:
-                answers.put_nowait(None)
+                stream.answers.put_nowait(stream.END)
+            except Exception as exc:  # reading the requests failed: the call fails with it
+                stream.answers.put_nowait(exc)
 
+        self._streams.add(stream)
+        if self._draining:
+            stream.drain()
         reader = asyncio.create_task(read_all())
         try:
-            while (response := await answers.get()) is not None:
-                yield response
-            await reader  # re-raises if reading the requests failed
+            while True:
+                next_answer = await stream.answers.get()
+                if next_answer is stream.END:
+                    return
+                if next_answer is stream.DRAINED:
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
+                if isinstance(next_answer, Exception):
+                    raise next_answer
+                yield next_answer
         finally:
+            self._streams.discard(stream)
             reader.cancel()
             for task in list(items):
                 task.cancel()
@@ -191,10 +256,13 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext, method: str
     ) -> tuple[pb.ClassifyResponse | None, grpc.StatusCode, str]:
         """Classify one request; returns (response, OK, "") or (None, status code, message)."""
-        started = time.monotonic()
+        started = self._last_arrival = time.monotonic()
         code, message = grpc.StatusCode.OK, ""
         self._metrics.inflight.inc()
+        self._active += 1
         try:
+            if self._draining:
+                raise ShuttingDown("the server is shutting down; try another replica")
             remaining = context.time_remaining()
             deadline = None if remaining is None else started + remaining
             request_id = self._request_id(request)
@@ -202,8 +270,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             return to_response(prediction), code, message
         except asyncio.CancelledError:
             # gRPC cancels the handler when the client goes away or the deadline passes.
+            # gRPC's deadline timer may fire a hair before time_remaining() reaches zero.
             remaining = context.time_remaining()
-            expired = remaining is not None and remaining <= 0
+            expired = remaining is not None and remaining <= _DEADLINE_SLACK_S
             code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
             raise
         except Exception as exc:
@@ -212,6 +281,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 _log.exception("request failed", extra={"fields": {"request_id": request.request_id}})
             return None, code, message
         finally:
+            self._active -= 1
             self._metrics.inflight.dec()
             self._record(method, code, started, request.request_id, message)
 

@@ -37,6 +37,24 @@ def server_env(env: dict[str, str] | None = None) -> dict[str, str]:
     return {**base, **(env or {})}
 
 
+def _last_flag(args: list[str], flag: str) -> str:
+    value = ""
+    for i, arg in enumerate(args):
+        if arg == flag and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith(flag + "="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
+def _connect_host(bound: str) -> str:
+    if bound in ("", "[::]", "::", "0.0.0.0"):
+        return "127.0.0.1"
+    if ":" in bound and not bound.startswith("["):
+        return f"[{bound}]"
+    return bound
+
+
 class ServerProcess:
     """A ``cbam-serve`` subprocess, started on ``__enter__`` and ready (SERVING) when it returns."""
 
@@ -63,11 +81,13 @@ class ServerProcess:
 
     @property
     def address(self) -> str:
-        return f"{self.host}:{self.port}"
+        """Where to connect: the last ``--host`` given (an any-address means 127.0.0.1), and the port."""
+        return f"{_connect_host(_last_flag(self.args, '--host'))}:{self.port}"
 
     @property
     def metrics_url(self) -> str:
-        return f"http://{self.host}:{self.metrics_port}/metrics"
+        host = _connect_host(_last_flag(self.args, "--metrics.host"))
+        return f"http://{host}:{self.metrics_port}/metrics"
 
     def __enter__(self) -> ServerProcess:
         self.start()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from tests.support import ROOT, ServerProcess, server_env
 def test_serving_line_and_health(served) -> None:
     (serving,) = served.events_named("serving")
     assert serving["port"] == served.port and serving["metrics_port"] == served.metrics_port
+    assert serving["torch_threads"] == len(os.sched_getaffinity(0)) and serving["torch_interop_threads"] == 1
     with grpc.insecure_channel(served.address) as channel:
         health = health_pb2_grpc.HealthStub(channel)
         for service in ("", "cbam.v1.InferenceService"):

@@ -291,3 +291,45 @@ async def test_tls_with_client_certificates(make_server, tmp_path) -> None:
                 pb.GetModelInfoRequest(), timeout=5
             )
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_calls_arriving_while_draining_are_refused_unavailable(make_server, connect, gate) -> None:
+    server = await make_server("--batching.max_batch_delay_ms", "0")
+    stub = connect(server)
+    gate.close()
+    taken = asyncio.ensure_future(stub.Classify(pb.ClassifyRequest(encoded=png())))
+    await gate.wait_entered()
+    stopping = asyncio.ensure_future(server.stop(10))
+    await eventually(lambda: server.servicer.draining)
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.Classify(pb.ClassifyRequest(encoded=png(1)))
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "shutting down" in info.value.details()
+    gate.release()
+    assert (await taken).labels  # what was taken before the drain is answered
+    await stopping
+    assert gate.computed == [1]
+
+
+async def test_a_stream_ends_unavailable_once_its_items_are_answered(make_server, connect, gate) -> None:
+    server = await make_server("--batching.max_batch_delay_ms", "0")
+    gate.close()
+    hold = asyncio.Event()
+
+    async def send():
+        yield pb.ClassifyRequest(request_id="taken", encoded=png())
+        await hold.wait()  # the client keeps the stream open
+        yield pb.ClassifyRequest(request_id="late", encoded=png(1))
+
+    call = connect(server).ClassifyStream(send())
+    reading = asyncio.ensure_future(call.read())
+    await gate.wait_entered()
+    stopping = asyncio.ensure_future(server.stop(10))
+    await eventually(lambda: server.servicer.draining)
+    gate.release()
+    first = await reading
+    assert first.request_id == "taken" and first.response.labels
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call.read()
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    hold.set()
+    await stopping
