@@ -149,3 +149,19 @@ def test_inference_and_autograd_paths_agree(model):
     logits, maps = model.forward_with_attention(x)
     assert torch.equal(logits.detach(), no_grad_logits)
     assert torch.equal(maps["layer3.2"].spatial.detach(), no_grad_maps["layer3.2"].spatial)
+
+
+def test_both_forwards_compile_without_graph_breaks(model):
+    # fullgraph=True fails on any graph break; the eager backend keeps the test fast (no codegen).
+    x = torch.randn(2, 3, 32, 32)
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    with_attention = torch.compile(
+        lambda t: model.forward_with_attention(t, blocks=["layer1.1"]), fullgraph=True, backend="eager"
+    )
+    with torch.no_grad():
+        expected, maps = model.forward_with_attention(x)
+        assert torch.equal(compiled(x), expected)
+        logits, compiled_maps = with_attention(x)
+    assert torch.equal(logits, expected)
+    assert list(compiled_maps) == ["layer1.1"]
+    assert torch.equal(compiled_maps["layer1.1"].spatial, maps["layer1.1"].spatial)

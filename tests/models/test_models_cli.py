@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 
@@ -72,8 +73,19 @@ def test_errors_exit_non_zero_with_a_message(tmp_path, capsys):
         main(["convert", "--arch", "cbam_resnet9", "a", "b"])
 
 
-def test_evaluate_json(capsys):
-    pytest.importorskip("sklearn")
-    assert main(["evaluate", "--json"]) == 0
-    result = json.loads(capsys.readouterr().out)
-    assert result["accuracy"] >= 0.97 and result["total"] == 360
+def test_evaluate_prints_json(capsys, monkeypatch):
+    import models.train
+
+    # The real evaluation is test_default_model's; here only the command's wiring and output.
+    seen = {}
+
+    def fake_evaluate(checkpoint, seed):
+        seen.update(checkpoint=checkpoint, seed=seed)
+        return {"accuracy": 0.99, "correct": 99, "total": 100, "arch": "a", "version": "v", "seed": seed}
+
+    monkeypatch.setattr(models.train, "evaluate", fake_evaluate)
+    assert main(["evaluate", "--json", "--seed", "3", "--checkpoint", "x.safetensors"]) == 0
+    assert json.loads(capsys.readouterr().out)["accuracy"] == 0.99
+    assert seen == {"checkpoint": Path("x.safetensors"), "seed": 3}
+    assert main(["evaluate"]) == 0
+    assert "held-out accuracy 99.00% (99/100, seed 0)" in capsys.readouterr().out
