@@ -73,8 +73,8 @@ class _Block(nn.Module):
 
     def forward_with_attention(self, x: Tensor) -> tuple[Tensor, AttentionMaps]:
         """Like ``forward``, also returning the maps the block's CBAM applied."""
-        if not isinstance(self.attention, CBAM):
-            raise TypeError(f"this block's attention is {type(self.attention).__name__}, not CBAM")
+        if not hasattr(self.attention, "forward_with_maps"):
+            raise TypeError(f"this block's attention ({type(self.attention).__name__}) returns no maps")
         out, maps = self.attention.forward_with_maps(self._residual(x))
         out += self._shortcut(x)
         return self.relu(out), maps
@@ -193,7 +193,10 @@ class CBAMResNet(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(widths[-1] * block.expansion, num_classes)
 
-        self._attention_blocks = tuple(n for n, blk in self._named_blocks() if blk.attention is not None)
+        # Blocks whose attention can report its maps (CBAM, or any module with forward_with_maps).
+        self._attention_blocks = tuple(
+            n for n, blk in self._named_blocks() if hasattr(blk.attention, "forward_with_maps")
+        )
         self._init_weights(zero_init_residual)
 
     def _make_layer(
