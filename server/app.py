@@ -110,11 +110,15 @@ class InferenceServer:
         await self.grpc_server.wait_for_termination()
 
 
-def build_server(settings: Settings) -> tuple[InferenceServer, int]:
-    """Load the model and bind the port (0 picks a free one); call within a running event loop."""
+def build_server(settings: Settings, *, runner: ModelRunner | None = None) -> tuple[InferenceServer, int]:
+    """Load the model and bind the port (0 picks a free one); call within a running event loop.
+
+    ``runner`` replaces the model that settings.model describes: a seam for tests, not a setting.
+    """
     configure_torch_threads()
     metrics = ServerMetrics()
-    runner = ModelRunner.from_settings(settings.model)
+    if runner is None:
+        runner = ModelRunner.from_settings(settings.model)
     d = runner.description
     metrics.describe_model(arch=d.arch, version=d.version, device=d.device, dtype=d.dtype)
     if runner.device.type == "cuda":

@@ -4,6 +4,7 @@
      ├── InvalidInput      the request itself is wrong            INVALID_ARGUMENT
      │    └── TooLarge     ... because it is over a size limit    RESOURCE_EXHAUSTED
      ├── Overloaded        the queue is full                      RESOURCE_EXHAUSTED
+     ├── OutOfMemory       one image alone does not fit on the device RESOURCE_EXHAUSTED
      ├── Expired           its deadline passed before compute     DEADLINE_EXCEEDED
      ├── Cancelled         its caller went away before compute    CANCELLED
      └── ShuttingDown      the server is draining                 UNAVAILABLE
@@ -19,6 +20,7 @@ __all__ = [
     "CbamError",
     "Expired",
     "InvalidInput",
+    "OutOfMemory",
     "Overloaded",
     "ShuttingDown",
     "StartupError",
@@ -40,6 +42,10 @@ class TooLarge(InvalidInput):
 
 class Overloaded(CbamError):
     """The batch queue is full; the caller may retry later."""
+
+
+class OutOfMemory(CbamError):
+    """The device ran out of memory even for a batch of one."""
 
 
 class Expired(CbamError):

@@ -140,6 +140,9 @@ def tensor_from_raw(raw: RawTensor, max_pixels: int) -> Image.Image | torch.Tens
     array = np.frombuffer(raw.data, dtype="<f4").reshape(channels, height, width)
     if not np.isfinite(array).all():
         raise InvalidInput("image.tensor.data: float32 tensor holds NaN or Inf")
+    low, high = float(array.min()), float(array.max())
+    if low < 0.0 or high > 1.0:
+        raise InvalidInput(f"image.tensor.data: float32 values must lie in 0..1, got {low:g}..{high:g}")
     return torch.from_numpy(array.astype(np.float32))  # a copy: frombuffer's array is read-only
 
 

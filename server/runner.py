@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from server.config import ModelSettings, usable_cores
-from server.errors import StartupError
+from server.errors import OutOfMemory, StartupError
 
 __all__ = [
     "BatchItem",
@@ -170,7 +170,24 @@ class ModelRunner:
         )
 
     def run_batch(self, items: Sequence[BatchItem]) -> list[ItemOutput]:
-        """One forward pass over ``items``; maps only if some item asked, for the blocks any asked for."""
+        """One forward pass over ``items``; maps only if some item asked, for the blocks any asked for.
+
+        When the device runs out of memory the batch is split in halves until the parts fit, so a
+        batch too large for the moment still gets right answers; one image that does not fit alone
+        raises OutOfMemory.
+        """
+        try:
+            return self._forward(items)
+        except torch.cuda.OutOfMemoryError as exc:
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if len(items) == 1:
+                raise OutOfMemory(f"out of memory on {self.device} for a single image: {exc}") from None
+            _log.warning("out of memory, splitting the batch", extra={"fields": {"batch_size": len(items)}})
+            half = len(items) // 2
+            return self.run_batch(items[:half]) + self.run_batch(items[half:])
+
+    def _forward(self, items: Sequence[BatchItem]) -> list[ItemOutput]:
         wanted: set[str] = set()
         for item in items:
             if item.blocks is not None:

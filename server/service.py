@@ -14,7 +14,15 @@ import grpc
 from cbam.v1 import inference_pb2 as pb
 from cbam.v1 import inference_pb2_grpc
 
-from server.errors import Cancelled, Expired, InvalidInput, Overloaded, ShuttingDown, TooLarge
+from server.errors import (
+    Cancelled,
+    Expired,
+    InvalidInput,
+    OutOfMemory,
+    Overloaded,
+    ShuttingDown,
+    TooLarge,
+)
 from server.metrics import ServerMetrics
 from server.pipeline import InferencePipeline, Prediction, Query
 from server.postprocess import AttentionFormat, AttentionKind, AttentionQuery
@@ -31,6 +39,7 @@ _STATUS: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (TooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (InvalidInput, grpc.StatusCode.INVALID_ARGUMENT),
     (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (OutOfMemory, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (Expired, grpc.StatusCode.DEADLINE_EXCEEDED),
     (Cancelled, grpc.StatusCode.CANCELLED),
     (ShuttingDown, grpc.StatusCode.UNAVAILABLE),
@@ -182,17 +191,14 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         self, request_iterator: AsyncIterator[pb.ClassifyRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ClassifyStreamResponse]:
         # Items are handled concurrently (so they can share batches) and answered as each finishes;
-        # at most max_stream_inflight at once, after which we stop reading (HTTP/2 flow control
-        # then holds the client back).
+        # at most max_stream_inflight are taken and not yet written back, after which we stop
+        # reading (HTTP/2 flow control then holds the client back).
         stream = _Stream()
         slots = asyncio.Semaphore(self._max_stream_inflight)
         items: set[asyncio.Task[None]] = set()
 
         async def answer(request: pb.ClassifyRequest) -> None:
-            try:
-                response, code, message = await self._classify_one(request, context, "ClassifyStream")
-            finally:
-                slots.release()
+            response, code, message = await self._classify_one(request, context, "ClassifyStream")
             if response is not None:
                 reply = pb.ClassifyStreamResponse(request_id=response.request_id, response=response)
             else:
@@ -233,6 +239,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 if isinstance(next_answer, Exception):
                     raise next_answer
                 yield next_answer
+                # Its slot frees only once the answer is written: a client that stops reading
+                # stops us reading (and computing) its requests, instead of growing a backlog.
+                slots.release()
         finally:
             self._streams.discard(stream)
             reader.cancel()

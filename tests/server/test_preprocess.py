@@ -178,3 +178,11 @@ def test_nan_and_inf_are_invalid(bad: float) -> None:
     x[1, 2, 3] = bad
     with pytest.raises(InvalidInput, match="NaN or Inf"):
         preprocess(RawTensor("float32", x.shape, x.tobytes()), SPEC)
+
+
+@pytest.mark.parametrize("bad", [-0.01, 1.01, 3e38])
+def test_float_values_outside_0_1_are_invalid(bad: float) -> None:
+    x = np.full((3, 4, 4), 0.5, dtype="<f4")
+    x[2, 1, 1] = bad
+    with pytest.raises(InvalidInput, match="must lie in 0..1"):
+        preprocess(RawTensor("float32", x.shape, x.tobytes()), SPEC)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from server.config import ModelSettings
-from server.errors import StartupError
+from server.errors import OutOfMemory, StartupError
 from server.runner import BatchItem, ModelRunner, resolve_device, warm_up_sizes
 
 
@@ -116,3 +116,31 @@ def test_warm_up_sizes() -> None:
     assert warm_up_sizes(1) == [1]
     assert warm_up_sizes(8) == [1, 2, 4, 8]
     assert warm_up_sizes(12) == [1, 2, 4, 8, 12]
+
+
+def test_out_of_memory_splits_the_batch_until_it_fits(runner: ModelRunner, monkeypatch) -> None:
+    images = [BatchItem(x) for x in _images(8, runner)]
+    expected = runner.run_batch(images)
+    sizes: list[int] = []
+    forward = runner.model.forward
+
+    def tight(x):
+        sizes.append(x.shape[0])
+        if x.shape[0] > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (pretend)")
+        return forward(x)
+
+    monkeypatch.setattr(runner.model, "forward", tight)
+    got = runner.run_batch(images)
+    assert sizes == [8, 4, 2, 2, 4, 2, 2]
+    for a, b in zip(expected, got, strict=True):
+        torch.testing.assert_close(a.logits, b.logits, atol=1e-4, rtol=1e-4)
+
+
+def test_out_of_memory_for_one_image_is_an_error_of_its_own(runner: ModelRunner, monkeypatch) -> None:
+    def full(x):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (pretend)")
+
+    monkeypatch.setattr(runner.model, "forward", full)
+    with pytest.raises(OutOfMemory, match="out of memory"):
+        runner.run_batch([BatchItem(x) for x in _images(2, runner)])

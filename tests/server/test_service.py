@@ -333,3 +333,24 @@ async def test_a_stream_ends_unavailable_once_its_items_are_answered(make_server
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
     hold.set()
     await stopping
+
+
+async def test_a_stream_nobody_reads_stops_being_read(make_server) -> None:
+    server = await make_server("--limits.max_stream_inflight", "8")
+    attention = pb.AttentionRequest(kind=pb.ATTENTION_KIND_BOTH)  # ~3 kB answers
+    image = png()
+
+    async def send():
+        for i in range(2000):
+            yield pb.ClassifyRequest(request_id=str(i), encoded=image, attention=attention)
+
+    # Without BDP probing the client's receive window stays at 64 kB, so what the server may have
+    # written is that window's worth of answers plus the items it holds (max_stream_inflight).
+    options = [("grpc.http2.bdp_probe", 0)]
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}", options=options) as channel:
+        call = inference_pb2_grpc.InferenceServiceStub(channel).ClassifyStream(send())
+        await asyncio.sleep(2)
+        answered = sample(server, "cbam_requests_total", method="ClassifyStream", code="OK")
+        call.cancel()
+    assert 8 <= answered < 100, answered
+    await eventually(lambda: sample(server, "cbam_inflight_requests") == 0)
