@@ -1,0 +1,236 @@
+"""Faults from outside: clients that go away, clients that read slowly, bursts far above capacity.
+
+Each time the server answers what it can, refuses the rest at once with a clear status, keeps its
+queue and memory bounded, leaves nothing behind, and stays SERVING.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import threading
+import time
+
+import grpc
+import pytest
+from cbam.v1 import inference_pb2 as pb
+
+from tests.reliability import corpus
+from tests.reliability.probes import CHANNEL_OPTIONS, health_status, metric, scrape, stub_for
+from tests.support import ServerProcess
+
+pytestmark = pytest.mark.timeout(120)
+
+IMAGE = corpus.encode(corpus.picture(32, 32, seed=2))
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+async def _settled(server, name: str, want: float, timeout: float = 5.0, **labels: str) -> float:
+    """Wait for a metric to reach ``want`` (bookkeeping after a cancellation is asynchronous)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = metric(scrape(server.metrics_url), name, **labels)
+        if value == want or time.monotonic() > deadline:
+            return value
+        await asyncio.sleep(0.05)
+
+
+async def _still_fine(server) -> None:
+    assert health_status(server.address) == "SERVING"
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        response = await stub_for(channel).Classify(pb.ClassifyRequest(encoded=IMAGE, top_k=1), timeout=30)
+    assert len(response.labels) == 1
+    assert not server.events_named("request failed")
+
+
+# -- clients that go away ------------------------------------------------------------------------------
+
+
+async def test_a_client_that_disconnects_mid_stream_leaves_nothing_behind(server):
+    never = asyncio.Event()
+
+    async def requests():
+        for i in range(40):
+            yield pb.ClassifyRequest(request_id=f"r{i}", encoded=IMAGE)
+        await never.wait()
+
+    channel = grpc.aio.insecure_channel(server.address)
+    call = stub_for(channel).ClassifyStream(requests())
+    await call.read()  # the server is working on the stream
+    await channel.close()  # the whole connection goes, not just the call
+    assert await _settled(server, "cbam_inflight_requests", 0) == 0
+    assert await _settled(server, "cbam_queue_depth", 0) == 0
+    await _still_fine(server)
+
+
+async def test_unary_callers_that_give_up_are_dropped_not_computed(server):
+    before = scrape(server.metrics_url)
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        stub = stub_for(channel)
+        calls = [stub.Classify(pb.ClassifyRequest(encoded=IMAGE), timeout=0.002) for _ in range(60)]
+        outcomes = await asyncio.gather(*calls, return_exceptions=True)
+    codes = {o.code() if isinstance(o, grpc.aio.AioRpcError) else grpc.StatusCode.OK for o in outcomes}
+    assert codes <= {grpc.StatusCode.OK, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
+    assert grpc.StatusCode.DEADLINE_EXCEEDED in codes
+    assert await _settled(server, "cbam_inflight_requests", 0) == 0
+    after = scrape(server.metrics_url)
+    computed = metric(after, "cbam_batch_size_sum") - metric(before, "cbam_batch_size_sum")
+    assert computed < 60, "every expired request was computed anyway"
+    await _still_fine(server)
+
+
+async def test_a_slow_reader_cannot_make_the_server_buffer_answers_without_bound(server):
+    """A client that sends many items and reads none: once HTTP/2 windows and socket buffers are full
+    (a few MB), the server must stop reading its requests instead of computing every item and
+    queueing the answers in memory. So the count of answers computed stops growing."""
+    sent = 0
+    total = 20_000
+    attention = pb.AttentionRequest(kind=pb.ATTENTION_KIND_BOTH, format=pb.ATTENTION_FORMAT_FLOAT16)
+
+    async def requests():
+        nonlocal sent
+        for i in range(total):
+            sent += 1
+            yield pb.ClassifyRequest(request_id=f"s{i}", encoded=IMAGE, attention=attention)
+
+    def answered() -> float:
+        text = scrape(server.metrics_url)
+        return metric(text, "cbam_requests_total", method="ClassifyStream", code="OK") - before
+
+    before = 0.0
+    before = answered()
+    rss_before = rss_mb(server.process.pid)
+    async with grpc.aio.insecure_channel(server.address, options=CHANNEL_OPTIONS) as channel:
+        call = stub_for(channel).ClassifyStream(requests())
+        await asyncio.sleep(3)  # no reads at all meanwhile
+        first = answered()
+        await asyncio.sleep(3)
+        second = answered()
+        rss_after = rss_mb(server.process.pid)
+        size = (await call.read()).ByteSize()
+        call.cancel()
+    print(f"slow reader: client sent {sent} of {total}; server answered {first:.0f} after 3 s, "
+          f"{second:.0f} after 6 s ({second * size / 2**20:.1f} MB of answers); "
+          f"RSS {rss_before:.0f} -> {rss_after:.0f} MB")  # fmt: skip
+    assert second - first <= 64, "the server keeps computing answers nobody reads"
+    assert second * size < 32 * 2**20
+    assert rss_after - rss_before < 150
+    assert await _settled(server, "cbam_inflight_requests", 0) == 0
+    await _still_fine(server)
+
+
+# -- bursts --------------------------------------------------------------------------------------------
+
+BURST = 300
+MAX_QUEUE = 4
+
+
+@pytest.fixture(scope="module")
+def slow_server():
+    """A model slow enough on two cores (CBAM-ResNet-18 at 224 x 224, ~0.3 s an image) to be swamped."""
+    with ServerProcess(
+        "--arch", "cbam_resnet18", "--model.num_classes", "10", "--batching.max_batch_size", "2",
+        "--batching.max_queue", str(MAX_QUEUE), "--batching.max_batch_delay_ms", "5", "--log.level", "INFO",
+    ) as s:  # fmt: skip
+        yield s
+
+
+def _refused(code: grpc.StatusCode, message: str) -> bool:
+    """RESOURCE_EXHAUSTED from the server, or a stream refused by HTTP/2 (REFUSED_STREAM, code 7).
+
+    A client may open more streams than a connection's max_concurrent_streams for a moment (the
+    count races with streams closing); gRPC core then refuses them before any handler runs, which
+    the client sees as UNAVAILABLE. Never processed, safe to retry, answered at once: backpressure too.
+    """
+    if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return True
+    return code is grpc.StatusCode.UNAVAILABLE and "RST_STREAM with error code 7" in message
+
+
+def _p90(values: list[float]) -> float:
+    return values[int(0.9 * (len(values) - 1))] if values else 0.0
+
+
+async def test_a_burst_far_above_capacity_is_refused_at_once_with_bounded_queue_and_memory(slow_server):
+    server = slow_server
+    depths: list[float] = []
+    stop = threading.Event()
+
+    def watch_queue():
+        while not stop.is_set():
+            depths.append(metric(scrape(server.metrics_url), "cbam_queue_depth"))
+            time.sleep(0.02)
+
+    rss_before = rss_mb(server.process.pid)
+    before = scrape(server.metrics_url)
+    watcher = threading.Thread(target=watch_queue, daemon=True)
+    watcher.start()
+
+    async def one(stub):
+        started = time.monotonic()
+        try:
+            await stub.Classify(pb.ClassifyRequest(encoded=IMAGE), timeout=60)
+            return grpc.StatusCode.OK, time.monotonic() - started, ""
+        except grpc.aio.AioRpcError as exc:
+            return exc.code(), time.monotonic() - started, exc.details()
+
+    try:
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            stub = stub_for(channel)
+            await channel.channel_ready()
+            outcomes = await asyncio.gather(*(one(stub) for _ in range(BURST)))
+    finally:
+        stop.set()
+        watcher.join()
+    rss_after = rss_mb(server.process.pid)
+
+    ok = sorted(t for code, t, _ in outcomes if code is grpc.StatusCode.OK)
+    refused = sorted(t for code, t, msg in outcomes if _refused(code, msg))
+    other = [(code.name, msg) for code, _, msg in outcomes if code is not grpc.StatusCode.OK
+             and not _refused(code, msg)]  # fmt: skip
+    exhausted = sum(code is grpc.StatusCode.RESOURCE_EXHAUSTED for code, _, _ in outcomes)
+    print(f"burst of {BURST}: {len(ok)} answered ({ok[0] if ok else 0:.2f}..{ok[-1] if ok else 0:.2f} s), "
+          f"{len(refused)} refused ({exhausted} RESOURCE_EXHAUSTED, "
+          f"{len(refused) - exhausted} REFUSED_STREAM; "
+          f"median {refused[len(refused) // 2] if refused else 0:.3f} s, 90th {_p90(refused):.3f} s), "
+          f"queue depth max {max(depths):.0f}, RSS {rss_before:.0f} -> {rss_after:.0f} MB")  # fmt: skip
+    assert not other, other[:5]
+    assert ok, "nothing was answered"
+    assert len(refused) >= BURST / 2 and exhausted >= MAX_QUEUE
+    # Refusals do not wait for the model: as the server measures them, nearly all take under 50 ms.
+    after = scrape(server.metrics_url)
+    series = dict(method="Classify", code="RESOURCE_EXHAUSTED")
+    fast = metric(after, "cbam_request_duration_seconds_bucket", le="0.05", **series) - metric(
+        before, "cbam_request_duration_seconds_bucket", le="0.05", **series
+    )
+    counted = metric(after, "cbam_request_duration_seconds_count", **series) - metric(
+        before, "cbam_request_duration_seconds_count", **series
+    )
+    assert counted == exhausted and fast >= 0.95 * counted, (fast, counted)
+    assert max(depths) <= MAX_QUEUE
+    assert rss_after - rss_before < 200
+    await _still_fine(server)
+
+
+async def test_a_stream_burst_far_above_capacity_refuses_items_not_the_stream(slow_server):
+    """2000 items on one stream against a queue of 4: each item is answered or refused on its own,
+    and the stream itself ends OK."""
+    requests = [pb.ClassifyRequest(request_id=f"b{i}", encoded=IMAGE) for i in range(2000)]
+    async with grpc.aio.insecure_channel(slow_server.address) as channel:
+        call = stub_for(channel).ClassifyStream(iter(requests), timeout=60)
+        answers = [answer async for answer in call]
+        assert await call.code() is grpc.StatusCode.OK
+    assert sorted(a.request_id for a in answers) == sorted(r.request_id for r in requests)
+    outcomes = collections.Counter(
+        "ok" if a.WhichOneof("outcome") == "response" else grpc.StatusCode(
+            next(c for c in grpc.StatusCode if c.value[0] == a.error.code)).name
+        for a in answers
+    )  # fmt: skip
+    print(f"stream burst of 2000: {dict(outcomes)}")
+    assert set(outcomes) <= {"ok", "RESOURCE_EXHAUSTED"} and outcomes["ok"] > 0
+    await _still_fine(slow_server)

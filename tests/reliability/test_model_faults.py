@@ -1,0 +1,181 @@
+"""Faults inside the model: an exception fails only its batch; CUDA out-of-memory splits the batch.
+
+The faults are injected on the CPU by wrapping the served model (`FaultyModel`) and handing the
+runner to `build_server(settings, runner=...)`: a seam for tests, not a setting anyone can turn on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import Callable
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from cbam.v1 import inference_pb2 as pb
+from cbam.v1 import inference_pb2_grpc
+from torch import nn
+
+from server.app import build_server
+from server.config import load_settings
+from server.runner import ModelRunner
+from tests.reliability import corpus
+
+pytestmark = pytest.mark.timeout(60)
+
+BATCH = 8
+
+
+class FaultyModel(nn.Module):
+    """The served model, with faults on demand: ``fail_next(exc)`` or ``oom_above(size)``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.inner = model
+        self.attention_blocks = model.attention_blocks
+        self.batch_sizes: list[int] = []
+        self._next: collections.deque[BaseException] = collections.deque()
+        self._oom_above: int | None = None
+
+    def fail_next(self, exc: BaseException) -> None:
+        self._next.append(exc)
+
+    def oom_above(self, size: int | None) -> None:
+        """Raise torch.cuda.OutOfMemoryError for every batch larger than ``size`` (None: never)."""
+        self._oom_above = size
+
+    def _check(self, x: torch.Tensor) -> None:
+        self.batch_sizes.append(x.shape[0])
+        if self._next:
+            raise self._next.popleft()
+        if self._oom_above is not None and x.shape[0] > self._oom_above:
+            raise torch.cuda.OutOfMemoryError(
+                f"CUDA out of memory. Tried to allocate {x.shape[0] * 512} MiB (injected by the test)"
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check(x)
+        return self.inner(x)
+
+    def forward_with_attention(self, x: torch.Tensor, blocks=None):
+        self._check(x)
+        return self.inner.forward_with_attention(x, blocks=blocks)
+
+
+@pytest.fixture
+async def faulty():
+    """(model, stub, server): an in-process server over a FaultyModel, where BATCH concurrent requests
+    form one batch (the batch delay is generous)."""
+    settings = load_settings([
+        "--host", "127.0.0.1", "--port", "0", "--metrics.enabled", "false",
+        "--batching.max_batch_size", str(BATCH), "--batching.max_batch_delay_ms", "2000",
+    ])  # fmt: skip
+    runner = ModelRunner.from_settings(settings.model)
+    model = FaultyModel(runner.model)
+    runner.model = model
+    server, port = build_server(settings, runner=runner)
+    await server.start()
+    model.batch_sizes.clear()  # warm-up's
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        yield model, inference_pb2_grpc.InferenceServiceStub(channel), server
+    finally:
+        await channel.close()
+        await server.stop(0)
+
+
+IMAGES = [corpus.encode(corpus.picture(24, 24, seed=s)) for s in range(BATCH)]
+
+
+async def _one_batch(stub, make: Callable[[int], pb.ClassifyRequest] | None = None) -> list:
+    """BATCH concurrent requests (one batch); each outcome is a ClassifyResponse or an AioRpcError."""
+    make = make or (lambda i: pb.ClassifyRequest(request_id=f"r{i}", encoded=IMAGES[i], top_k=10))
+    calls = [stub.Classify(make(i), timeout=30) for i in range(BATCH)]
+    return await asyncio.gather(*calls, return_exceptions=True)
+
+
+def _probabilities(response: pb.ClassifyResponse) -> np.ndarray:
+    out = np.zeros(10)
+    for label in response.labels:
+        out[label.index] = label.probability
+    return out
+
+
+async def test_an_exception_in_the_model_fails_only_its_batch_and_the_next_batch_succeeds(faulty):
+    model, stub, server = faulty
+    model.fail_next(RuntimeError("kernel exploded: secret internal detail"))
+    failed = await _one_batch(stub)
+    assert model.batch_sizes == [BATCH], "the requests did not form one batch"
+    for outcome in failed:
+        assert isinstance(outcome, grpc.aio.AioRpcError)
+        assert outcome.code() is grpc.StatusCode.INTERNAL
+        assert outcome.details() and "secret internal detail" not in outcome.details()
+    ok = await _one_batch(stub)
+    assert all(isinstance(o, pb.ClassifyResponse) and o.labels for o in ok)
+    registry = server.metrics.registry
+    internal = registry.get_sample_value("cbam_requests_total", {"method": "Classify", "code": "INTERNAL"})
+    assert internal == BATCH
+
+
+async def test_a_failed_batch_fails_only_its_own_stream_items(faulty):
+    model, stub, _ = faulty
+    model.fail_next(ValueError("bad weights"))
+    requests = [pb.ClassifyRequest(request_id=f"s{i}", encoded=IMAGES[i % BATCH]) for i in range(2 * BATCH)]
+    answers = [a async for a in stub.ClassifyStream(iter(requests), timeout=30)]
+    outcomes = collections.Counter(a.WhichOneof("outcome") for a in answers)
+    assert len(answers) == 2 * BATCH
+    assert outcomes == {"error": BATCH, "response": BATCH}, outcomes  # the second batch went through
+    for answer in answers:
+        if answer.WhichOneof("outcome") == "error":
+            assert answer.error.code == grpc.StatusCode.INTERNAL.value[0] and answer.error.message
+
+
+async def test_out_of_memory_splits_the_batch_until_it_fits_and_every_answer_is_right(faulty):
+    model, stub, _ = faulty
+    expected = [_probabilities(r) for r in await _one_batch(stub)]
+    model.batch_sizes.clear()
+    model.oom_above(2)
+    got = await _one_batch(stub)
+    assert all(isinstance(r, pb.ClassifyResponse) for r in got), [r for r in got if isinstance(r, Exception)]
+    for want, response in zip(expected, got, strict=True):
+        np.testing.assert_allclose(_probabilities(response), want, atol=1e-5)
+    # 8 fails, both halves of 4 fail, then four batches of 2 fit
+    assert model.batch_sizes == [8, 4, 2, 2, 4, 2, 2], model.batch_sizes
+    model.oom_above(None)
+
+
+async def test_out_of_memory_with_attention_keeps_each_requests_own_maps(faulty):
+    model, stub, _ = faulty
+    info = await stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
+    blocks = list(info.attention_blocks)
+
+    def make(i: int) -> pb.ClassifyRequest:
+        request = pb.ClassifyRequest(request_id=f"a{i}", encoded=IMAGES[i])
+        if i % 2:
+            request.attention.kind = pb.ATTENTION_KIND_SPATIAL
+            request.attention.blocks.append(blocks[i % len(blocks)])
+        return request
+
+    expected = await _one_batch(stub, make)
+    model.oom_above(1)
+    got = await _one_batch(stub, make)
+    model.oom_above(None)
+    for want, response in zip(expected, got, strict=True):
+        assert [(m.block, m.kind) for m in response.attention] == [(m.block, m.kind) for m in want.attention]
+        assert len(response.attention) == (1 if response.request_id[1:] in ("1", "3", "5", "7") else 0)
+        for a, b in zip(response.attention, want.attention, strict=True):
+            np.testing.assert_allclose(np.frombuffer(a.data, "<f2"), np.frombuffer(b.data, "<f2"), atol=1e-3)
+
+
+async def test_out_of_memory_for_a_single_image_is_resource_exhausted_and_the_server_recovers(faulty):
+    model, stub, _ = faulty
+    model.oom_above(0)
+    outcomes = await _one_batch(stub)
+    for outcome in outcomes:
+        assert isinstance(outcome, grpc.aio.AioRpcError)
+        assert outcome.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "memory" in outcome.details()
+    model.oom_above(None)
+    assert all(isinstance(o, pb.ClassifyResponse) for o in await _one_batch(stub))
