@@ -36,7 +36,7 @@ def test_the_soak_fails_when_its_thresholds_are_not_met(tmp_path):
     """A check that cannot fail is worth nothing: an impossible error budget of -1 must fail it."""
     result = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "soak.py"), "--seconds", "2", "--warmup-seconds", "1",
-         "--rate", "10", "--max-errors", "-1"],
+         "--rate", "10", "--max-errors", "-1", "--max-latency-drift", "1000"],
         cwd=ROOT, env=server_env(), capture_output=True, text=True, timeout=100,
     )  # fmt: skip
     assert result.returncode == 1, result.stdout + result.stderr
