@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from server.config import Settings, load_settings
 from server.errors import StartupError
 
-__all__ = ["main"]
+__all__ = ["main", "run"]
 
 EXIT_BAD_SETTINGS = 2  # like argparse: the command line (or its environment) was wrong
 

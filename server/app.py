@@ -20,6 +20,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from server.config import Settings
+from server.errors import StartupError
 from server.metrics import MetricsEndpoint, ServerMetrics
 from server.pipeline import InferencePipeline
 from server.runner import ModelDescription, ModelRunner, configure_torch_threads
@@ -58,12 +59,16 @@ class InferenceServer:
         """Accept calls, warm up (health NOT_SERVING meanwhile), then report SERVING."""
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        await self.grpc_server.start()
         if self.settings.metrics.enabled:
-            self._metrics_endpoint = MetricsEndpoint(
-                self.metrics.registry, self.settings.metrics.host, self.settings.metrics.port
-            )
+            m = self.settings.metrics
+            try:
+                self._metrics_endpoint = MetricsEndpoint(self.metrics.registry, m.host, m.port)
+            except OSError as exc:
+                raise StartupError(
+                    "metrics.port", f"cannot listen on {m.host}:{m.port}: {exc.strerror}"
+                ) from None
             self.metrics_port = self._metrics_endpoint.port
+        await self.grpc_server.start()
         self.pipeline.start()
         await self.pipeline.warm_up()
         for name in ("", SERVICE_NAME):
@@ -141,7 +146,7 @@ def build_server(settings: Settings, *, runner: ModelRunner | None = None) -> tu
         maximum_concurrent_rpcs=limits.max_concurrent_rpcs,
         interceptors=_interceptors(settings),
     )
-    servicer = InferenceServicer(pipeline, model_info(d, settings), metrics, limits.max_stream_inflight)
+    servicer = InferenceServicer(pipeline, _model_info(d, settings), metrics, limits.max_stream_inflight)
     inference_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -173,7 +178,7 @@ async def serve(settings: Settings) -> None:
     await server.stop()
 
 
-def model_info(d: ModelDescription, settings: Settings) -> pb.ModelInfo:
+def _model_info(d: ModelDescription, settings: Settings) -> pb.ModelInfo:
     return pb.ModelInfo(
         arch=d.arch,
         version=d.version,
@@ -198,19 +203,18 @@ def model_info(d: ModelDescription, settings: Settings) -> pb.ModelInfo:
 
 def _add_port(server: grpc.aio.Server, address: str, settings: Settings) -> int:
     tls = settings.tls
-    if tls.enabled:
-        assert tls.cert_file is not None and tls.key_file is not None
-        credentials = grpc.ssl_server_credentials(
-            [(tls.key_file.read_bytes(), tls.cert_file.read_bytes())],
-            root_certificates=tls.client_ca_file.read_bytes() if tls.client_ca_file else None,
-            require_client_auth=tls.client_ca_file is not None,
-        )
-        port = server.add_secure_port(address, credentials)
-    else:
-        port = server.add_insecure_port(address)
-    if port == 0:
-        raise OSError(f"could not bind {address}")
-    return port
+    try:
+        if tls.enabled:
+            assert tls.cert_file is not None and tls.key_file is not None
+            credentials = grpc.ssl_server_credentials(
+                [(tls.key_file.read_bytes(), tls.cert_file.read_bytes())],
+                root_certificates=tls.client_ca_file.read_bytes() if tls.client_ca_file else None,
+                require_client_auth=tls.client_ca_file is not None,
+            )
+            return server.add_secure_port(address, credentials)
+        return server.add_insecure_port(address)
+    except RuntimeError as exc:  # grpc's "Failed to bind to address ..."
+        raise StartupError("port", f"cannot listen on {address} (in use, or not an address here)") from exc
 
 
 def _interceptors(settings: Settings) -> list[grpc.aio.ServerInterceptor]:

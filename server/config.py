@@ -31,6 +31,8 @@ __all__ = [
     "Settings",
     "Tls",
     "load_settings",
+    "read_config_file",
+    "usable_cores",
 ]
 
 _DEVICE_PATTERN = r"^(auto|cpu|cuda(:\d+)?|mps)$"
@@ -218,10 +220,10 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # pydantic-settings puts the CLI source in front of these, so: CLI > init > env > file.
-        return init_settings, env_settings, ConfigFileSource(settings_cls)
+        return init_settings, env_settings, _ConfigFileSource(settings_cls)
 
 
-class ConfigFileSource(PydanticBaseSettingsSource):
+class _ConfigFileSource(PydanticBaseSettingsSource):
     """Reads the file named by ``config`` as given by a higher-precedence source (flag or env var)."""
 
     def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:

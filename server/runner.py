@@ -24,6 +24,7 @@ __all__ = [
     "ModelDescription",
     "ModelRunner",
     "configure_torch_threads",
+    "resolve_device",
     "warm_up_sizes",
 ]
 

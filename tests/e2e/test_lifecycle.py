@@ -90,7 +90,7 @@ def test_settings_from_file_env_and_flags_reach_the_server(tmp_path) -> None:
 
 def _refusal(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "server", "--port", "0", "--metrics-port", "0", *args],
+        [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", *args],
         cwd=ROOT, env=server_env(), capture_output=True, text=True, timeout=120,
     )  # fmt: skip
 
@@ -119,3 +119,11 @@ def test_cuda_without_cuda_is_refused() -> None:
 def test_serving_line_is_json(served) -> None:
     line = next(line for line in served.lines if '"serving"' in line)
     assert json.loads(line)["level"] == "INFO"
+
+
+def test_ports_in_use_are_refused_naming_the_field(served) -> None:
+    grpc_busy = _refusal("--host", "127.0.0.1", "--port", str(served.port))
+    assert grpc_busy.returncode == 2 and "port" in grpc_busy.stderr and "Traceback" not in grpc_busy.stderr
+    metrics_busy = _refusal("--metrics.host", "127.0.0.1", "--metrics-port", str(served.metrics_port))
+    assert metrics_busy.returncode == 2 and "metrics.port" in metrics_busy.stderr
+    assert "Traceback" not in metrics_busy.stderr
