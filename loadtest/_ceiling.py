@@ -1,0 +1,133 @@
+"""The ceiling: how fast the served model runs in this process, with nothing but forward passes.
+
+The model is built exactly as cbam-serve builds it (the default checkpoint, or a registered architecture
+with seed-0 random weights and 1000 classes), in eval mode, float32, channels-last, under
+torch.inference_mode, with the server's thread settings: intra-op threads = usable cores, inter-op 1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import statistics
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+__all__ = ["Ceiling", "build_model", "configure_threads", "measure_ceiling"]
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def configure_threads() -> int:
+    """The server's torch thread settings (server/runner.py configure_torch_threads); returns the threads."""
+    torch.set_num_threads(usable_cores())
+    if torch.get_num_interop_threads() != 1:
+        with contextlib.suppress(RuntimeError):  # only settable before the first parallel work
+            torch.set_num_interop_threads(1)
+    return torch.get_num_threads()
+
+
+def build_model(arch: str | None, input_size: int | None = None) -> tuple[nn.Module, tuple[int, int], str]:
+    """(model, (H, W), version) as cbam-serve would serve it: `arch` None means the default checkpoint."""
+    import models  # torch-only; the load generator itself never needs it
+
+    if arch is None:
+        model, meta = models.load_checkpoint(models.DEFAULT_CHECKPOINT, map_location="cpu")
+        size, version = tuple(meta.input_size), meta.version
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = models.create_model(arch, num_classes=1000)
+        size, version = tuple(model.input_size), "random-seed0"
+    if input_size is not None:
+        size = (input_size, input_size)
+    model = model.eval().to(dtype=torch.float32, memory_format=torch.channels_last)
+    return model, size, version
+
+
+@dataclass
+class Ceiling:
+    """Forward-pass throughput (images/s) and latency (ms, best round's median) by batch size."""
+
+    threads: int
+    throughput: dict[int, float] = field(default_factory=dict)
+    latency_ms: dict[int, float] = field(default_factory=dict)
+    round_latencies_ms: dict[int, list[float]] = field(default_factory=dict)  # every round's median
+
+    def throughput_at(self, batch_size: float) -> float:
+        """Throughput at a (mean, so fractional) batch size: linear in log2(batch) between measured sizes."""
+        sizes = sorted(self.throughput)
+        if batch_size <= sizes[0]:
+            return self.throughput[sizes[0]]
+        if batch_size >= sizes[-1]:
+            return self.throughput[sizes[-1]]
+        upper = next(s for s in sizes if s >= batch_size)
+        lower = max(s for s in sizes if s <= batch_size)
+        if upper == lower:
+            return self.throughput[upper]
+        t = (math.log2(batch_size) - math.log2(lower)) / (math.log2(upper) - math.log2(lower))
+        return self.throughput[lower] + t * (self.throughput[upper] - self.throughput[lower])
+
+    def as_dict(self) -> dict:
+        return {
+            "threads": self.threads,
+            "batch_1_latency_ms": self.latency_ms.get(1),
+            "by_batch_size": {
+                str(size): {
+                    "throughput": self.throughput[size],
+                    "latency_ms": self.latency_ms[size],
+                    "round_latencies_ms": self.round_latencies_ms.get(size, []),
+                }
+                for size in sorted(self.throughput)
+            },
+        }
+
+
+def measure_ceiling(
+    model: nn.Module,
+    input_size: tuple[int, int],
+    batch_sizes: Iterable[int],
+    budget_seconds: float = 2.0,
+    rounds: int = 3,
+    min_passes: int = 2,
+) -> Ceiling:
+    """Time forward passes at each batch size, in `rounds` rounds that each visit every size for
+    budget_seconds / rounds (at least `min_passes` passes). A size's figure is its best round's median
+    pass time: a shared machine's bursts of other work then cost a round, not the ceiling.
+    """
+    ceiling = Ceiling(threads=configure_threads())
+    generator = torch.Generator().manual_seed(0)
+    sizes = sorted(set(batch_sizes))
+    inputs = {
+        size: torch.rand(size, 3, *input_size, generator=generator).to(memory_format=torch.channels_last)
+        for size in sizes
+    }
+    medians: dict[int, list[float]] = {size: [] for size in sizes}
+    with torch.inference_mode():
+        for size in sizes:  # warm-up: first passes allocate and pick kernels
+            model(inputs[size])
+        for _ in range(rounds):
+            for size in sizes:
+                times: list[float] = []
+                started = time.perf_counter()
+                while len(times) < min_passes or time.perf_counter() - started < budget_seconds / rounds:
+                    t0 = time.perf_counter()
+                    model(inputs[size])
+                    times.append(time.perf_counter() - t0)
+                medians[size].append(statistics.median(times))
+    for size in sizes:
+        best = min(medians[size])
+        ceiling.throughput[size] = size / best
+        ceiling.latency_ms[size] = best * 1000
+        ceiling.round_latencies_ms[size] = [m * 1000 for m in medians[size]]
+    return ceiling

@@ -1,0 +1,135 @@
+"""cbam-bench: its parts, and tiny end-to-end runs that must report every field (not timed)."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from loadtest._ceiling import Ceiling
+from loadtest.bench import _settings, evaluate_targets, main
+from tests.support import ROOT, server_env
+
+ROW_FIELDS = {"throughput", "p50", "p95", "p99", "mean_batch_size", "errors", "efficiency"}
+
+
+def bench(*args: str, timeout: float = 150) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "loadtest.bench", "--ceiling-seconds", "0.1", *args]
+    return subprocess.run(
+        command, cwd=ROOT, env=server_env(), capture_output=True, text=True, timeout=timeout
+    )
+
+
+def check_report(report: dict, settings: set[str], concurrency: list[int]) -> None:
+    assert set(report["machine"]) >= {"cpu", "cores", "usable_cores", "torch", "torch_threads"}
+    assert report["ceiling"]["batch_1_latency_ms"] > 0
+    assert {row["setting"] for row in report["results"]} == settings
+    for row in report["results"]:
+        assert set(row) >= ROW_FIELDS, row
+        assert row["errors"] == 0 and row["requests"] > 0
+        for name in ROW_FIELDS - {"errors"}:
+            assert math.isfinite(row[name]) and row[name] > 0, (name, row)
+        assert row["p50"] <= row["p95"] <= row["p99"]
+        assert 1 <= row["mean_batch_size"] <= row["max_batch_size"]
+    for setting in settings:
+        assert [r["concurrency"] for r in report["results"] if r["setting"] == setting] == concurrency
+    assert set(report["targets"]) == {
+        "saturation_efficiency",
+        "batch1_latency_overhead_ms",
+        "batching_gain_at_concurrency_32",
+    }
+
+
+def test_quick_run_starts_its_own_servers_and_reports_every_field(tmp_path):
+    out, picture = tmp_path / "bench.json", tmp_path / "bench.png"
+    tiny = ["--quick", "--concurrency", "1,4", "--duration", "1", "--warmup", "0.2"]
+    done = bench(*tiny, "--json", str(out), "--plot", str(picture))
+    assert done.returncode == 0, done.stderr
+    report = json.loads(out.read_text())
+    check_report(report, {"32 (default)", "1"}, [1, 4])
+    assert all(row["mean_batch_size_source"] == "metrics" for row in report["results"])
+    assert report["model"]["input_size"] == [32, 32]
+    assert "images/s" in done.stdout and "efficiency" in done.stdout  # the table
+    with Image.open(picture) as image:
+        assert image.format == "PNG" and image.width > 600
+
+
+def test_against_a_running_server(live, tmp_path):
+    out = tmp_path / "bench.json"
+    tiny = ["--concurrency", "2", "--duration", "1", "--warmup", "0.2"]
+    done = bench("--target", live.address, "--metrics-url", live.metrics_url, *tiny, "--json", str(out))
+    assert done.returncode == 0, done.stderr
+    report = json.loads(out.read_text())
+    check_report(report, {"32"}, [2])
+    assert report["load"]["target"] == live.address
+
+
+def test_an_architecture_by_name(tmp_path):
+    out = tmp_path / "bench.json"
+    tiny = ["--batch-sizes", "1", "--concurrency", "1", "--duration", "1", "--warmup", "0.2"]
+    done = bench("--arch", "cbam_resnet8_cifar", *tiny, "--json", str(out))
+    assert done.returncode == 0, done.stderr
+    report = json.loads(out.read_text())
+    check_report(report, {"1"}, [1])
+    assert report["model"]["arch"] == "cbam_resnet8_cifar" and report["model"]["version"] == "random-seed0"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--quick", "--arch", "cbam_resnet50"],
+        ["--concurrency", "0"],
+        ["--batch-sizes", "x"],
+        ["--payload", "gif"],
+    ],
+)
+def test_usage_errors_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+
+
+def test_batch_size_settings():
+    assert _settings("default,1,8") == [None, 1, 8]
+    with pytest.raises(ValueError, match="--batch-sizes"):
+        _settings(",")
+
+
+def test_ceiling_interpolates_in_log_batch_size_and_clamps():
+    ceiling = Ceiling(threads=2, throughput={1: 100.0, 4: 300.0, 16: 500.0})
+    assert ceiling.throughput_at(2) == pytest.approx(200.0)  # halfway between 1 and 4 in log2
+    assert ceiling.throughput_at(8) == pytest.approx(400.0)
+    assert ceiling.throughput_at(0.5) == 100.0 and ceiling.throughput_at(64) == 500.0
+
+
+def _row(setting, max_batch_size, concurrency, throughput, p50, efficiency, mean_batch_size=1.0):
+    return {
+        "setting": setting,
+        "max_batch_size": max_batch_size,
+        "concurrency": concurrency,
+        "throughput": throughput,
+        "p50": p50,
+        "efficiency": efficiency,
+        "mean_batch_size": mean_batch_size,
+    }
+
+
+def test_targets_are_judged_from_the_rows():
+    ceiling = Ceiling(threads=2, throughput={1: 500.0}, latency_ms={1: 2.0})
+    rows = [
+        _row("32 (default)", 32, 1, 150, 3.5, 0.3),
+        _row("32 (default)", 32, 32, 900, 30, 0.95, 16),
+        _row("1", 1, 1, 160, 3.0, 0.32),
+        _row("1", 1, 32, 450, 60, 0.92),
+    ]
+    targets = evaluate_targets(rows, ceiling)
+    assert targets["saturation_efficiency"]["met"] is True
+    assert targets["saturation_efficiency"]["by_setting"]["32 (default)"]["concurrency"] == 32
+    assert targets["batch1_latency_overhead_ms"]["overhead_ms"] == pytest.approx(1.5)
+    assert targets["batch1_latency_overhead_ms"]["met"] is True
+    assert targets["batching_gain_at_concurrency_32"]["gain"] == pytest.approx(2.0)
+    assert targets["batching_gain_at_concurrency_32"]["met"] is True
+    rows[1]["efficiency"] = 0.5
+    assert evaluate_targets(rows, ceiling)["saturation_efficiency"]["met"] is False
