@@ -354,3 +354,39 @@ async def test_a_stream_nobody_reads_stops_being_read(make_server) -> None:
         call.cancel()
     assert 8 <= answered < 100, answered
     await eventually(lambda: sample(server, "cbam_inflight_requests") == 0)
+
+
+async def test_attention_on_and_off_share_one_batch_and_get_what_they_asked(
+    make_server, connect, gate
+) -> None:
+    server = await make_server("--batching.max_batch_size", "8", "--batching.max_batch_delay_ms", "0")
+    stub = connect(server)
+    blocks = list(server.pipeline.description.attention_blocks)
+    gate.close()
+    blocker = asyncio.ensure_future(stub.Classify(pb.ClassifyRequest(encoded=png())))
+    await gate.wait_entered()
+    asks = [
+        pb.AttentionRequest(),
+        pb.AttentionRequest(kind=pb.ATTENTION_KIND_CHANNEL, blocks=[blocks[0]]),
+        pb.AttentionRequest(
+            kind=pb.ATTENTION_KIND_SPATIAL, blocks=[blocks[-1]], format=pb.ATTENTION_FORMAT_PNG
+        ),
+        pb.AttentionRequest(),
+    ]
+    calls = [
+        asyncio.ensure_future(stub.Classify(pb.ClassifyRequest(encoded=png(i), attention=a)))
+        for i, a in enumerate(asks)
+    ]
+    await eventually(lambda: server.pipeline.batcher.depth == len(asks))  # all queued behind the blocker
+    gate.release()
+    await blocker
+    responses = await asyncio.gather(*calls)
+    assert gate.computed == [1, len(asks)]  # the four shared one forward pass
+    assert all(r.timings.batch_size == len(asks) for r in responses)
+    got = [[(m.block, m.kind, m.format) for m in r.attention] for r in responses]
+    assert got == [
+        [],
+        [(blocks[0], pb.ATTENTION_KIND_CHANNEL, pb.ATTENTION_FORMAT_FLOAT16)],
+        [(blocks[-1], pb.ATTENTION_KIND_SPATIAL, pb.ATTENTION_FORMAT_PNG)],
+        [],
+    ]
