@@ -7,8 +7,8 @@ import os
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
 
 import grpc
-from cbam.v1 import inference_pb2, inference_pb2_grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from cbam.v1 import inference_pb2
+from grpc_health.v1 import health_pb2
 
 from ._base import ClientBase, RequestOptions, StreamState, remaining
 from ._errors import CbamError, UnavailableError, error_from_rpc
@@ -33,16 +33,11 @@ class AsyncClient(ClientBase):
     Create it inside the event loop that will use it.
     """
 
-    def __init__(self, target: str | Sequence[str] = "localhost:50051", **kwargs) -> None:
-        super().__init__(target, **kwargs)
-        if self._tls is None:
-            self._channel = grpc.aio.insecure_channel(self.target, options=self._settings.options())
-        else:
-            self._channel = grpc.aio.secure_channel(
-                self.target, self._tls.credentials(), options=self._settings.options()
-            )
-        self._stub = inference_pb2_grpc.InferenceServiceStub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._channel)
+    @staticmethod
+    def _open_channel(target: str, options: list, credentials: grpc.ChannelCredentials | None):
+        if credentials is None:
+            return grpc.aio.insecure_channel(target, options=options)
+        return grpc.aio.secure_channel(target, credentials, options=options)
 
     async def __aenter__(self) -> AsyncClient:
         return self

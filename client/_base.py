@@ -7,7 +7,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import grpc
-from cbam.v1 import inference_pb2
+from cbam.v1 import inference_pb2, inference_pb2_grpc
+from grpc_health.v1 import health_pb2_grpc
 
 from ._channel import DEFAULT_TARGET, ChannelSettings, TlsConfig, build_target
 from ._errors import CbamError, InvalidArgumentError, error_from_code
@@ -66,6 +67,15 @@ class ClientBase:
         )
         # Sent as metadata on every call, so a token works over plaintext loopback as well as over TLS.
         self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
+        credentials = tls.credentials() if tls is not None else None
+        self._channel = self._open_channel(self.target, self._settings.options(), credentials)
+        self._stub = inference_pb2_grpc.InferenceServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    @staticmethod
+    def _open_channel(target: str, options: list, credentials: grpc.ChannelCredentials | None):
+        """A grpc.Channel (Client) or grpc.aio.Channel (AsyncClient)."""
+        raise NotImplementedError
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.target!r}, tls={self._tls is not None})"

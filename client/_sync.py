@@ -7,8 +7,8 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 
 import grpc
-from cbam.v1 import inference_pb2, inference_pb2_grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from cbam.v1 import inference_pb2
+from grpc_health.v1 import health_pb2
 
 from ._base import ClientBase, RequestOptions, StreamState, remaining
 from ._errors import CbamError, error_from_rpc
@@ -31,16 +31,11 @@ class Client(ClientBase):
     retried as `retry` says. `token` is sent as "authorization: Bearer <token>"; `tls` turns on TLS.
     """
 
-    def __init__(self, target: str | Sequence[str] = "localhost:50051", **kwargs) -> None:
-        super().__init__(target, **kwargs)
-        if self._tls is None:
-            self._channel = grpc.insecure_channel(self.target, options=self._settings.options())
-        else:
-            self._channel = grpc.secure_channel(
-                self.target, self._tls.credentials(), options=self._settings.options()
-            )
-        self._stub = inference_pb2_grpc.InferenceServiceStub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._channel)
+    @staticmethod
+    def _open_channel(target: str, options: list, credentials: grpc.ChannelCredentials | None):
+        if credentials is None:
+            return grpc.insecure_channel(target, options=options)
+        return grpc.secure_channel(target, credentials, options=options)
 
     def __enter__(self) -> Client:
         return self

@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from loadtest._ceiling import Ceiling
-from loadtest.bench import _settings, evaluate_targets, main
+from loadtest._report import evaluate_targets
+from loadtest.bench import _settings, main
 from tests.support import ROOT, server_env
 
 ROW_FIELDS = {"throughput", "p50", "p95", "p99", "mean_batch_size", "errors", "efficiency"}
