@@ -96,6 +96,8 @@ class CBAM(nn.Module):
 
     ``gates`` is ``"channel_spatial"`` (default), or ``"channel"`` / ``"spatial"`` for ablations.
     The defaults reproduce the authors' module: biased MLP with r=16, 7x7 conv + BatchNorm.
+    ``inplace=True`` lets it overwrite its input when autograd is off (as the residual blocks do: on
+    CPU a fresh activation-sized buffer costs page faults that cost more than the multiply).
     """
 
     def __init__(
@@ -108,6 +110,7 @@ class CBAM(nn.Module):
         min_hidden: int = 4,
         mlp_bias: bool = True,
         spatial_norm: bool = True,
+        inplace: bool = False,
     ) -> None:
         super().__init__()
         if gates not in CBAM_GATES:
@@ -120,19 +123,19 @@ class CBAM(nn.Module):
         self.spatial = (
             SpatialAttention(spatial_kernel_size, norm=spatial_norm) if gates != "channel" else None
         )
+        self.inplace = inplace
 
     def forward_with_maps(self, x: Tensor) -> tuple[Tensor, AttentionMaps]:
         """Apply CBAM and return the output with the maps applied (spatial as B x H x W)."""
+        # With autograd on, the pooled inputs are saved for backward and must not be overwritten.
+        inplace = self.inplace and not torch.is_grad_enabled()
         channel = spatial = None
         if self.channel is not None:
             channel = self.channel.attention(x)
-            x = x * channel[:, :, None, None]
+            x = x.mul_(channel[:, :, None, None]) if inplace else x * channel[:, :, None, None]
         if self.spatial is not None:
             spatial = self.spatial.attention(x)
-            # Without autograd, x (ours if the channel gate made it) can take the product in place:
-            # one activation-sized allocation fewer per block, and on CPU a fresh large allocation
-            # means page faults that cost more than the multiply itself.
-            x = x.mul_(spatial) if self.channel is not None and not torch.is_grad_enabled() else x * spatial
+            x = x.mul_(spatial) if inplace else x * spatial
             spatial = spatial.squeeze(1)
         return x, AttentionMaps(channel, spatial)
 

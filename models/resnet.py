@@ -288,7 +288,10 @@ class CBAMResNet(nn.Module):
 
 
 def _cbam(reduction: int, spatial_kernel_size: int, gates: str) -> AttentionFactory:
-    return partial(CBAM, reduction=reduction, spatial_kernel_size=spatial_kernel_size, gates=gates)
+    # inplace: a block's residual branch output is its own to overwrite.
+    return partial(
+        CBAM, reduction=reduction, spatial_kernel_size=spatial_kernel_size, gates=gates, inplace=True
+    )
 
 
 def _cbam_resnet(

@@ -142,3 +142,17 @@ def test_bad_channel_arguments():
         ChannelAttention(64, 0)
     with pytest.raises(ValueError, match="channels should be >= 1, got 0"):
         ChannelAttention(0)
+
+
+def test_inplace_cbam_overwrites_its_input_only_without_autograd():
+    torch.manual_seed(0)
+    cbam, reference = CBAM(32, inplace=True).eval(), CBAM(32).eval()
+    reference.load_state_dict(cbam.state_dict())
+    x = torch.randn(2, 32, 6, 6)
+    expected = reference(x)
+    kept = x.clone()
+    out = cbam(x)  # autograd on: must leave x alone
+    assert torch.equal(x, kept) and torch.equal(out, expected)
+    with torch.no_grad():
+        out = cbam(x)
+    assert out.data_ptr() == x.data_ptr() and torch.equal(out, expected)
