@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import ssl
 
 import grpc
 import torch
@@ -19,14 +20,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from server.config import Settings
+from server.config import Settings, Tls
 from server.errors import StartupError
 from server.metrics import MetricsEndpoint, ServerMetrics
 from server.pipeline import InferencePipeline
 from server.runner import ModelDescription, ModelRunner, configure_torch_threads
 from server.service import InferenceServicer
 
-__all__ = ["InferenceServer", "build_server", "serve"]
+__all__ = ["InferenceServer", "build_server", "plaintext_warning", "serve"]
 
 _log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
@@ -159,6 +160,8 @@ def build_server(settings: Settings, *, runner: ModelRunner | None = None) -> tu
         reflection.enable_server_reflection(names, server)
     address = f"{settings.host}:{settings.port}"
     port = _add_port(server, address, settings)
+    if (warning := plaintext_warning(settings)) is not None:
+        _log.warning(warning, extra={"fields": {"host": settings.host, "port": port}})
     return InferenceServer(settings, server, pipeline, servicer, health, metrics, port), port
 
 
@@ -202,24 +205,55 @@ def _model_info(d: ModelDescription, settings: Settings) -> pb.ModelInfo:
 
 
 def _add_port(server: grpc.aio.Server, address: str, settings: Settings) -> int:
-    tls = settings.tls
     try:
-        if tls.enabled:
-            assert tls.cert_file is not None and tls.key_file is not None
-            credentials = grpc.ssl_server_credentials(
-                [(tls.key_file.read_bytes(), tls.cert_file.read_bytes())],
-                root_certificates=tls.client_ca_file.read_bytes() if tls.client_ca_file else None,
-                require_client_auth=tls.client_ca_file is not None,
-            )
-            return server.add_secure_port(address, credentials)
+        if settings.tls.enabled:
+            return server.add_secure_port(address, _server_credentials(settings.tls))
         return server.add_insecure_port(address)
     except RuntimeError as exc:  # grpc's "Failed to bind to address ..."
         raise StartupError("port", f"cannot listen on {address} (in use, or not an address here)") from exc
 
 
+def _server_credentials(tls: Tls) -> grpc.ServerCredentials:
+    """Read and check the PEM files now, so a bad one stops the start (naming it) rather than
+    failing every handshake later while health says SERVING."""
+    assert tls.cert_file is not None and tls.key_file is not None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    for field, path in (("tls.cert_file", tls.cert_file), ("tls.client_ca_file", tls.client_ca_file)):
+        if path is not None:
+            try:
+                context.load_verify_locations(cafile=str(path))
+            except (ssl.SSLError, OSError) as exc:
+                raise StartupError(field, f"{path} holds no usable PEM certificate: {exc}") from None
+    try:
+        context.load_cert_chain(str(tls.cert_file), str(tls.key_file))
+    except (ssl.SSLError, OSError) as exc:
+        raise StartupError(
+            "tls.key_file", f"{tls.key_file} is not a usable PEM key for {tls.cert_file}: {exc}"
+        ) from None
+    return grpc.ssl_server_credentials(
+        [(tls.key_file.read_bytes(), tls.cert_file.read_bytes())],
+        root_certificates=tls.client_ca_file.read_bytes() if tls.client_ca_file else None,
+        require_client_auth=tls.client_auth_required,
+    )
+
+
+def plaintext_warning(settings: Settings) -> str | None:
+    """A warning when calls would travel in plaintext beyond this machine, else None."""
+    if settings.tls.enabled:
+        return None
+    host = settings.host.strip("[]")
+    if host == "localhost" or host == "::1" or host.startswith("127."):
+        return None
+    return (
+        f"serving plaintext gRPC on {settings.host}: without tls.cert_file and tls.key_file, "
+        "requests and images travel unencrypted beyond this machine"
+    )
+
+
 def _interceptors(settings: Settings) -> list[grpc.aio.ServerInterceptor]:
-    if not settings.auth.tokens:
+    tokens = [token.get_secret_value() for token in settings.auth.tokens]
+    if not tokens:
         return []
     from server.auth import BearerTokenInterceptor
 
-    return [BearerTokenInterceptor([t.get_secret_value() for t in settings.auth.tokens], SERVICE_NAME)]
+    return [BearerTokenInterceptor(tokens, SERVICE_NAME)]

@@ -11,12 +11,21 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, FilePath, SecretStr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    FilePath,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
 )
@@ -113,29 +122,83 @@ class Tls(_Group):
     cert_file: FilePath | None = Field(None, description="PEM server certificate chain.")
     key_file: FilePath | None = Field(None, description="PEM private key of the certificate.")
     client_ca_file: FilePath | None = Field(
-        None, description="PEM CA bundle; when set, clients must present a certificate it signed."
+        None, description="PEM CA bundle that client certificates are checked against (mutual TLS)."
+    )
+    require_client_auth: bool | None = Field(
+        None,
+        description="Refuse clients without a certificate signed by tls.client_ca_file; unset means "
+        "true whenever a client CA is given (false with a client CA is refused: it could not be checked).",
     )
 
     @model_validator(mode="after")
-    def _pair(self) -> Tls:
+    def _consistent(self) -> Tls:
         if (self.cert_file is None) != (self.key_file is None):
             raise ValueError("tls.cert_file and tls.key_file go together: set both or neither")
         if self.client_ca_file is not None and self.cert_file is None:
             raise ValueError("tls.client_ca_file needs tls.cert_file and tls.key_file")
+        if self.require_client_auth and self.client_ca_file is None:
+            raise ValueError("tls.require_client_auth needs tls.client_ca_file to check certificates against")
+        if self.client_ca_file is not None and self.require_client_auth is False:
+            # grpcio's ssl_server_credentials cannot ask for a certificate and verify it only when
+            # presented: without "require", it never asks, and the CA would check nothing.
+            raise ValueError(
+                "tls.require_client_auth false with tls.client_ca_file: gRPC for Python cannot verify "
+                "optional client certificates; drop tls.client_ca_file or require client certificates"
+            )
         return self
 
     @property
     def enabled(self) -> bool:
         return self.cert_file is not None
 
+    @property
+    def client_auth_required(self) -> bool:
+        if self.client_ca_file is None:
+            return False
+        return self.require_client_auth is not False
+
 
 class Auth(_Group):
     """Bearer-token authentication of InferenceService calls (health and reflection stay open)."""
 
-    tokens: list[SecretStr] = Field(
+    # NoDecode: the environment may give a comma list ("a,b") as well as a JSON list.
+    tokens: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list,
-        description='Accepted tokens, sent as "authorization: Bearer TOKEN"; empty turns authentication off.',
+        description='Accepted tokens, sent as "authorization: Bearer TOKEN" (a comma or JSON list); '
+        "with tokens_file empty too, authentication is off.",
     )
+    tokens_file: FilePath | None = Field(
+        None, description="File of more accepted tokens, one a line (# starts a comment)."
+    )
+
+    @field_validator("tokens", mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [token.strip() for token in text.split(",") if token.strip()]
+        return value
+
+    @field_validator("tokens")
+    @classmethod
+    def _no_blanks(cls, tokens: list[SecretStr]) -> list[SecretStr]:
+        for token in tokens:
+            secret = token.get_secret_value()
+            if not secret or any(c.isspace() or c == "," for c in secret):
+                raise ValueError("a token may not be empty or hold whitespace or commas")
+        return tokens
+
+    @model_validator(mode="after")
+    def _read_tokens_file(self) -> Auth:
+        if self.tokens_file is not None:
+            lines = self.tokens_file.read_text(encoding="utf-8").splitlines()
+            found = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+            if not found:
+                raise ValueError(f"auth.tokens_file: {self.tokens_file} holds no token")
+            self.tokens = [*self.tokens, *self._no_blanks([SecretStr(token) for token in found])]
+        return self
 
 
 class Metrics(_Group):

@@ -151,3 +151,40 @@ def test_help_shows_every_knob_with_its_description() -> None:
     for flag in ("--port", "--metrics-port", "--host", "--checkpoint", "--arch", "--config"):
         assert flag in text
     assert "Most requests in one forward pass." in text
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("a,b", ["a", "b"]), (" a , b ,", ["a", "b"]), ('["a", "b"]', ["a", "b"]), ("", [])],
+)
+def test_tokens_from_a_comma_or_json_list(env, value: str, expected: list[str]) -> None:
+    env.set("CBAM_AUTH__TOKENS", value)
+    assert [t.get_secret_value() for t in load_settings([]).auth.tokens] == expected
+
+
+def test_tokens_file_adds_tokens_and_an_empty_one_is_refused(env, tmp_path: Path) -> None:
+    path = tmp_path / "tokens"
+    path.write_text("# comment\n tok-c \n\ntok-d\n")
+    s = load_settings(["--auth.tokens", "tok-a", "--auth.tokens_file", str(path)])
+    assert [t.get_secret_value() for t in s.auth.tokens] == ["tok-a", "tok-c", "tok-d"]
+    assert "tok-" not in repr(s) and "tok-" not in s.model_dump_json()
+    path.write_text("# none\n")
+    with pytest.raises(ValidationError, match="auth"):
+        load_settings(["--auth.tokens_file", str(path)])
+
+
+def test_token_with_whitespace_is_refused(env) -> None:
+    env.set("CBAM_AUTH__TOKENS", '["two words"]')
+    with pytest.raises(ValidationError, match="auth.tokens"):
+        load_settings([])
+
+
+def test_client_ca_without_requiring_certificates_is_refused(env, tmp_path: Path) -> None:
+    pem = tmp_path / "x.pem"
+    pem.write_text("x")
+    tls = ["--tls.cert_file", str(pem), "--tls.key_file", str(pem), "--tls.client_ca_file", str(pem)]
+    assert load_settings(tls).tls.client_auth_required
+    with pytest.raises(ValidationError, match="require_client_auth"):
+        load_settings([*tls, "--tls.require_client_auth", "false"])
+    with pytest.raises(ValidationError, match="tls"):
+        load_settings(["--tls.require_client_auth", "true"])

@@ -390,3 +390,45 @@ async def test_attention_on_and_off_share_one_batch_and_get_what_they_asked(
         [(blocks[-1], pb.ATTENTION_KIND_SPATIAL, pb.ATTENTION_FORMAT_PNG)],
         [],
     ]
+
+
+@pytest.mark.parametrize(
+    ("cert", "key", "ca", "field"),
+    [
+        ("server_cert", "client_key", None, "tls.key_file"),
+        ("garbage", "server_key", None, "tls.cert_file"),
+        ("server_cert", "server_key", "garbage", "tls.client_ca_file"),
+    ],
+)
+async def test_unusable_certificate_files_stop_the_start_naming_the_file(
+    tmp_path, cert, key, ca, field
+) -> None:
+    from server.app import build_server
+    from server.config import load_settings
+    from server.errors import StartupError
+    from tests.security.certs import make_pki
+
+    pki = make_pki(tmp_path)
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
+
+    def path(name: str) -> str:
+        return str(garbage) if name == "garbage" else str(getattr(pki, name))
+
+    argv = ["--host", "127.0.0.1", "--port", "0", "--tls.cert_file", path(cert), "--tls.key_file", path(key)]
+    if ca:
+        argv += ["--tls.client_ca_file", path(ca)]
+    with pytest.raises(StartupError) as info:
+        build_server(load_settings(argv))
+    assert info.value.field == field
+
+
+@pytest.mark.parametrize(
+    ("host", "warned"),
+    [("[::]", True), ("0.0.0.0", True), ("10.1.2.3", True), ("127.0.0.1", False), ("[::1]", False)],
+)
+def test_plaintext_beyond_loopback_is_warned_about(host: str, warned: bool) -> None:
+    from server.app import plaintext_warning
+    from server.config import load_settings
+
+    assert (plaintext_warning(load_settings(["--host", host])) is not None) is warned
