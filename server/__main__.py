@@ -42,9 +42,9 @@ def _describe(exc: ValidationError) -> str:
     lines = []
     for error in exc.errors(include_url=False):
         field = ".".join(str(part) for part in error["loc"]) or "settings"
-        got = (
-            f" (got {error['input']!r})" if "input" in error and not isinstance(error["input"], dict) else ""
-        )
+        # What was given helps, except where it is a secret.
+        shown = "input" in error and not isinstance(error["input"], dict) and not field.startswith("auth")
+        got = f" (got {error['input']!r})" if shown else ""
         lines.append(f"  {field}: {error['msg']}{got}")
     return "invalid settings:\n" + "\n".join(lines)
 

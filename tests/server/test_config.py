@@ -188,3 +188,10 @@ def test_client_ca_without_requiring_certificates_is_refused(env, tmp_path: Path
         load_settings([*tls, "--tls.require_client_auth", "false"])
     with pytest.raises(ValidationError, match="tls"):
         load_settings(["--tls.require_client_auth", "true"])
+
+
+def test_a_refused_token_is_not_echoed(env, capsys: pytest.CaptureFixture[str]) -> None:
+    env.set("CBAM_AUTH__TOKENS", "good-7f1c,bad secret-9e2a")
+    assert main([]) == 2
+    err = capsys.readouterr().err
+    assert "auth.tokens" in err and "7f1c" not in err and "9e2a" not in err
