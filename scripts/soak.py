@@ -40,10 +40,11 @@ sys.path[:0] = [str(_ROOT), str(_ROOT / "proto")]
 
 import grpc  # noqa: E402
 import numpy as np  # noqa: E402
-from cbam.v1 import inference_pb2 as pb  # noqa: E402
-from cbam.v1 import inference_pb2_grpc  # noqa: E402
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 from PIL import Image  # noqa: E402
+
+from cbam.v1 import inference_pb2 as pb  # noqa: E402
+from cbam.v1 import inference_pb2_grpc  # noqa: E402
 
 CALL_TIMEOUT_S = 30.0
 STREAM_ITEMS = 4

@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
-from cbam.v1 import inference_pb2 as pb
 from PIL import Image
+
+from cbam.v1 import inference_pb2 as pb
 
 OK = grpc.StatusCode.OK
 INVALID = grpc.StatusCode.INVALID_ARGUMENT

@@ -7,9 +7,10 @@ import urllib.request
 
 import grpc
 import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from cbam.v1 import inference_pb2 as pb
 from cbam.v1 import inference_pb2_grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 # Small enough that "oversized" costs little to build, large enough for every corpus image.
 MAX_MESSAGE_BYTES = 2 * 1024 * 1024

@@ -11,8 +11,8 @@ import asyncio
 import grpc
 import numpy as np
 import pytest
-from cbam.v1 import inference_pb2 as pb
 
+from cbam.v1 import inference_pb2 as pb
 from tests.reliability import corpus
 from tests.reliability.probes import (
     CHANNEL_OPTIONS,

@@ -14,10 +14,10 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from cbam.v1 import inference_pb2 as pb
-from cbam.v1 import inference_pb2_grpc
 from torch import nn
 
+from cbam.v1 import inference_pb2 as pb
+from cbam.v1 import inference_pb2_grpc
 from server.app import build_server
 from server.config import load_settings
 from server.runner import ModelRunner

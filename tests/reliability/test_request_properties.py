@@ -14,10 +14,10 @@ import re
 import grpc
 import numpy as np
 import pytest
-from cbam.v1 import inference_pb2 as pb
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from cbam.v1 import inference_pb2 as pb
 from tests.reliability import corpus
 from tests.reliability.probes import check_response, health_status, model_info, stub_for
 

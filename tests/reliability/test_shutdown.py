@@ -18,8 +18,8 @@ import time
 
 import grpc
 import pytest
-from cbam.v1 import inference_pb2 as pb
 
+from cbam.v1 import inference_pb2 as pb
 from tests.reliability import corpus
 from tests.reliability.probes import stub_for
 from tests.support import ServerProcess

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import grpc
-from cbam.v1 import inference_pb2 as pb
-from cbam.v1 import inference_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from cbam.v1 import inference_pb2 as pb
+from cbam.v1 import inference_pb2_grpc
 from tests.security.certs import Pki
 
 

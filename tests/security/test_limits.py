@@ -7,9 +7,9 @@ import urllib.request
 
 import grpc
 import pytest
+
 from cbam.v1 import inference_pb2 as pb
 from cbam.v1 import inference_pb2_grpc
-
 from tests.reliability.corpus import encode, picture, png_bomb
 
 
