@@ -103,6 +103,9 @@ class Limits(_Group):
     max_image_pixels: int = Field(
         40_000_000,
         ge=1,
+        # Pillow's WebP plugin refuses more than twice PIL.Image.MAX_IMAGE_PIXELS (89,478,485) as it
+        # opens the file, before our own check could allow it: a larger limit would not hold for WebP.
+        le=178_956_970,
         description="Largest image, width x height before resizing (RESOURCE_EXHAUSTED above).",
     )
     max_stream_inflight: int = Field(

@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from server.config import Limits, load_settings
 from server.errors import InvalidInput, TooLarge
 from server.preprocess import ImageSpec, RawTensor, decode_image, preprocess, tensor_from_raw
 from tests.reliability import corpus
@@ -25,14 +26,8 @@ SPEC = ImageSpec(input_size=(16, 16), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.2
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _as_in_the_server():
-    """build_server() turns Pillow's own process-wide bomb limit off (preprocess checks max_pixels from
-    the header instead); do the same here, so these tests see what the server sees."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(Image, "MAX_IMAGE_PIXELS", None)
-        yield
-
+# Twice PIL.Image.MAX_IMAGE_PIXELS: Pillow's WebP plugin refuses more as it opens a file.
+PILLOW_HARD_LIMIT = 178_956_970
 
 FAST = settings(
     max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True
@@ -125,7 +120,7 @@ def test_a_header_over_the_limit_is_too_large_before_any_pixel_is_decoded(width,
         assert width * height <= LIMIT  # fits, but the pixel data is missing
 
 
-@pytest.mark.parametrize("limit", [LIMIT, 100_000_000, 400_000_000])
+@pytest.mark.parametrize("limit", [LIMIT, 100_000_000, PILLOW_HARD_LIMIT])
 def test_the_configured_limit_decides_not_pillows_own(limit):
     """Pillow warns above 89 M pixels and refuses above 179 M; only max_image_pixels should count."""
     side = int(limit**0.5) + 1
@@ -242,3 +237,50 @@ def test_float_tensors_are_refused_or_give_a_finite_model_input(height, width, v
         assert str(exc).startswith("image.tensor"), str(exc)
         return
     assert torch.isfinite(x).all(), f"accepted values {values} but the model input is not finite"
+
+
+@pytest.mark.parametrize("limit", [100_000_000, PILLOW_HARD_LIMIT])
+@pytest.mark.parametrize("fmt", ["GIF", "JPEG", "BMP", "WEBP"])
+def test_headers_beyond_pillows_own_limit_within_ours_neither_warn_nor_fail_as_bombs(fmt, limit):
+    """With max_image_pixels above Pillow's process-wide limit (89 M pixels), a header that claims
+    more than that but less than ours must reach the decoder: no DecompressionBombWarning (an error
+    here), no TooLarge. The pixel data is missing, so the answer is a plain InvalidInput."""
+    side = int((limit * 0.9) ** 0.5)
+    data = {
+        "GIF": lambda: corpus.gif_with_screen(min(side, 65535), min(side, 65535)),
+        "JPEG": lambda: corpus.jpeg_with_size(min(side, 65500), min(side, 65500)),
+        "BMP": lambda: _bmp_header(side, side),
+        "WEBP": lambda: _webp_header(min(side, 16383), min(side, 16383)),
+    }[fmt]()
+    assert Image.MAX_IMAGE_PIXELS is not None and side * side > Image.MAX_IMAGE_PIXELS
+    try:
+        image = decode_image(data, limit)
+    except TooLarge as exc:
+        raise AssertionError(f"{fmt}: refused as too large under a limit of {limit}: {exc}") from None
+    except InvalidInput:
+        return
+    _check_decoded_big(image, limit)
+
+
+def _bmp_header(width: int, height: int) -> bytes:
+    """A 24-bit BMP file header and info header claiming width x height, with no pixel data."""
+    import struct
+
+    info = struct.pack("<IiiHHIIiiII", 40, width, height, 1, 24, 0, 0, 2835, 2835, 0, 0)
+    return b"BM" + struct.pack("<IHHI", 14 + len(info), 0, 0, 14 + len(info)) + info
+
+
+def _webp_header(width: int, height: int) -> bytes:
+    """A lossless WebP (VP8L) header claiming width x height (at most 16384), with no image data."""
+    import struct
+
+    bits = (width - 1) | ((height - 1) << 14)
+    vp8l = b"\x2f" + struct.pack("<I", bits)
+    chunk = b"VP8L" + struct.pack("<I", len(vp8l)) + vp8l
+    return b"RIFF" + struct.pack("<I", 4 + len(chunk)) + b"WEBP" + chunk
+
+
+def test_the_pixel_limit_cannot_be_set_beyond_what_every_format_honours():
+    assert Limits(max_image_pixels=PILLOW_HARD_LIMIT).max_image_pixels == PILLOW_HARD_LIMIT
+    with pytest.raises(ValueError, match="max_image_pixels"):
+        load_settings(["--limits.max_image_pixels", str(PILLOW_HARD_LIMIT + 1)])
