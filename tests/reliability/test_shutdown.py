@@ -78,6 +78,27 @@ async def _stream_worker(stub, ledger: Ledger, stopping: asyncio.Event) -> None:
             return
 
 
+async def _open_stream(stub, ledger: Ledger, outcome: dict) -> None:
+    """A stream that sends two items and then neither sends nor half-closes: on SIGTERM it must
+    still end with a definite status, not hang until the grace period (or its deadline) runs out."""
+    ids = [ledger.new_id("o") for _ in range(2)]
+    never = asyncio.Event()
+
+    async def requests():
+        for i in ids:
+            yield pb.ClassifyRequest(request_id=i, encoded=IMAGE)
+        await never.wait()
+
+    try:
+        async for answer in stub.ClassifyStream(requests(), timeout=CALL_TIMEOUT_S):
+            ledger.client[answer.request_id] = ("OK", "") if answer.WhichOneof("outcome") == "response" else (
+                "ITEM_ERROR", answer.error.message)
+        outcome["code"] = "OK"
+    except grpc.aio.AioRpcError as exc:
+        outcome["code"], outcome["details"] = exc.code().name, exc.details()
+    outcome["ended"] = time.monotonic()
+
+
 def _tally(ledger: Ledger, server_codes: dict[str, str]) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {"answered": [], "rejected": [], "lost": []}
     for request_id, (code, details) in ledger.client.items():
@@ -101,6 +122,8 @@ async def test_sigterm_under_load_loses_no_accepted_request():
             stub = stub_for(channel)
             workers = [asyncio.create_task(_unary_worker(stub, ledger, stopping)) for _ in range(8)]
             workers += [asyncio.create_task(_stream_worker(stub, ledger, stopping)) for _ in range(2)]
+            open_stream: dict = {}
+            workers.append(asyncio.create_task(_open_stream(stub, ledger, open_stream)))
             await asyncio.sleep(2.0)
             sent_before_sigterm = len(ledger.client)
             stopping.set()
@@ -124,3 +147,6 @@ async def test_sigterm_under_load_loses_no_accepted_request():
     assert len(tally["answered"]) >= sent_before_sigterm * 0.9
     assert tally["rejected"], "no call came after SIGTERM: the test did not cover the refusal path"
     assert not tally["lost"], "\n".join(tally["lost"][:20])
+    # the stream that never half-closed: both items answered, then a definite end, well within grace
+    assert open_stream["code"] == "UNAVAILABLE", open_stream
+    assert open_stream["ended"] - started < GRACE_S
