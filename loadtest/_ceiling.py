@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-__all__ = ["Ceiling", "build_model", "configure_threads", "measure_ceiling"]
+__all__ = ["Ceiling", "CeilingMeter", "build_model", "configure_threads", "measure_ceiling"]
 
 
 def usable_cores() -> int:
@@ -93,41 +93,67 @@ class Ceiling:
         }
 
 
+class CeilingMeter:
+    """Times forward passes at each batch size, in rounds the caller spreads over the benchmark.
+
+    Each round visits every size for `seconds_per_size` (at least `min_passes` passes) and records the
+    median pass. A size's ceiling is its best round: on a shared machine a burst of other work then
+    costs one round, not the ceiling. cbam-bench runs a round before each server starts and one at the
+    end, while no server is running.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        input_size: tuple[int, int],
+        batch_sizes: Iterable[int],
+        seconds_per_size: float = 0.5,
+        min_passes: int = 2,
+    ) -> None:
+        self.model = model
+        self.threads = configure_threads()
+        self.seconds_per_size = seconds_per_size
+        self.min_passes = min_passes
+        generator = torch.Generator().manual_seed(0)
+        self.inputs = {
+            size: torch.rand(size, 3, *input_size, generator=generator).to(memory_format=torch.channels_last)
+            for size in sorted(set(batch_sizes))
+        }
+        self.medians: dict[int, list[float]] = {size: [] for size in self.inputs}
+        with torch.inference_mode():
+            for x in self.inputs.values():  # warm-up: first passes allocate and pick kernels
+                model(x)
+
+    def round(self) -> None:
+        with torch.inference_mode():
+            for size, x in self.inputs.items():
+                times: list[float] = []
+                started = time.perf_counter()
+                while len(times) < self.min_passes or time.perf_counter() - started < self.seconds_per_size:
+                    t0 = time.perf_counter()
+                    self.model(x)
+                    times.append(time.perf_counter() - t0)
+                self.medians[size].append(statistics.median(times))
+
+    def result(self) -> Ceiling:
+        ceiling = Ceiling(threads=self.threads)
+        for size, medians in self.medians.items():
+            best = min(medians)
+            ceiling.throughput[size] = size / best
+            ceiling.latency_ms[size] = best * 1000
+            ceiling.round_latencies_ms[size] = [m * 1000 for m in medians]
+        return ceiling
+
+
 def measure_ceiling(
     model: nn.Module,
     input_size: tuple[int, int],
     batch_sizes: Iterable[int],
-    budget_seconds: float = 2.0,
+    seconds_per_size: float = 0.5,
     rounds: int = 3,
-    min_passes: int = 2,
 ) -> Ceiling:
-    """Time forward passes at each batch size, in `rounds` rounds that each visit every size for
-    budget_seconds / rounds (at least `min_passes` passes). A size's figure is its best round's median
-    pass time: a shared machine's bursts of other work then cost a round, not the ceiling.
-    """
-    ceiling = Ceiling(threads=configure_threads())
-    generator = torch.Generator().manual_seed(0)
-    sizes = sorted(set(batch_sizes))
-    inputs = {
-        size: torch.rand(size, 3, *input_size, generator=generator).to(memory_format=torch.channels_last)
-        for size in sizes
-    }
-    medians: dict[int, list[float]] = {size: [] for size in sizes}
-    with torch.inference_mode():
-        for size in sizes:  # warm-up: first passes allocate and pick kernels
-            model(inputs[size])
-        for _ in range(rounds):
-            for size in sizes:
-                times: list[float] = []
-                started = time.perf_counter()
-                while len(times) < min_passes or time.perf_counter() - started < budget_seconds / rounds:
-                    t0 = time.perf_counter()
-                    model(inputs[size])
-                    times.append(time.perf_counter() - t0)
-                medians[size].append(statistics.median(times))
-    for size in sizes:
-        best = min(medians[size])
-        ceiling.throughput[size] = size / best
-        ceiling.latency_ms[size] = best * 1000
-        ceiling.round_latencies_ms[size] = [m * 1000 for m in medians[size]]
-    return ceiling
+    """The ceiling from `rounds` rounds run back to back."""
+    meter = CeilingMeter(model, input_size, batch_sizes, seconds_per_size)
+    for _ in range(rounds):
+        meter.round()
+    return meter.result()

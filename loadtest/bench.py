@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import io
 import json
 import os
@@ -31,7 +30,7 @@ from rich.console import Console
 
 from client import Client
 
-from ._ceiling import build_model, measure_ceiling
+from ._ceiling import CeilingMeter, build_model
 from ._report import UNITS, describe_machine, evaluate_targets, plot, print_targets, results_table
 from ._served import LaunchedServer, drive_load
 
@@ -42,14 +41,14 @@ FULL = {
     "batch_sizes": "default,1,8,32",
     "duration": 5.0,
     "warmup": 1.0,
-    "ceiling_seconds": 1.5,
+    "ceiling_seconds": 0.5,  # per batch size and round; a round runs before each server and at the end
 }
 QUICK = {
     "concurrency": "1,16",
     "batch_sizes": "default,1",
     "duration": 1.5,
     "warmup": 0.5,
-    "ceiling_seconds": 0.3,
+    "ceiling_seconds": 0.1,
 }
 
 
@@ -71,58 +70,60 @@ def main(argv: Sequence[str] | None = None) -> int:
     console = Console(stderr=True)
     machine = describe_machine()
 
-    console.print(f"[bold]ceiling[/bold]: {args.arch or 'default model'} in-process ...", highlight=False)
     model, input_size, version = build_model(args.arch, args.input_size)
-    explicit = [size for size in settings if size is not None]
-    ceiling_sizes = _powers_of_two(max(explicit + [32])) | set(explicit)
-    ceiling_seconds = args.ceiling_seconds if args.ceiling_seconds is not None else preset["ceiling_seconds"]
-    ceiling = measure_ceiling(model, input_size, ceiling_sizes, ceiling_seconds)
     num_parameters = sum(p.numel() for p in model.parameters())
-    del model
-    gc.collect()
+    explicit = [size for size in settings if size is not None]
+    ceiling_seconds = args.ceiling_seconds if args.ceiling_seconds is not None else preset["ceiling_seconds"]
+    meter = CeilingMeter(
+        model, input_size, _powers_of_two(max([*explicit, 32])) | set(explicit), ceiling_seconds
+    )
+    console.print(f"ceiling round: {args.arch or 'default model'} in-process ...", highlight=False)
+    meter.round()
 
     image = np.random.default_rng(0).integers(0, 256, (*input_size, 3), dtype=np.uint8)
     payload = image if args.payload == "tensor" else _png(image)
     rows: list[dict] = []
     measured: set[int] = set()
-    server_args = ["--arch", args.arch] if args.arch else []
     for setting in settings:
         if setting is not None and setting in measured:
             continue  # the default turned out to be this size, already measured
         flags = [] if setting is None else ["--batching.max_batch_size", str(setting)]
-        if args.target:
-            server = None
-            target, metrics_url = args.target, args.metrics_url
-        else:
-            server = LaunchedServer(server_args + flags)
-            console.print(f"starting cbam-serve {' '.join(server_args + flags)} ...", highlight=False)
+        flags = (["--arch", args.arch] if args.arch else []) + flags
+        server = None if args.target else LaunchedServer(flags)
+        if server is not None:
+            console.print(f"starting cbam-serve {' '.join(flags)} ...", highlight=False)
             server.start()
-            target, metrics_url = server.target, server.metrics_url
+        target, metrics_url = (
+            (args.target, args.metrics_url) if server is None else (server.target, server.metrics_url)
+        )
         try:
             max_batch_size = _check_served(target, args.arch, input_size)
             measured.add(max_batch_size)
-            label = f"{max_batch_size}" + (" (default)" if setting is None and not args.target else "")
+            label = f"{max_batch_size}" + (" (default)" if setting is None and server is not None else "")
             for c in concurrency:
                 console.print(f"  max_batch_size {label}, concurrency {c} ...", highlight=False)
-                result = asyncio.run(
-                    drive_load(
-                        target,
-                        payload,
-                        concurrency=c,
-                        seconds=duration,
-                        warmup_seconds=warmup,
-                        channels=args.channels,
-                        metrics_url=metrics_url,
-                    )
+                load = drive_load(
+                    target,
+                    payload,
+                    concurrency=c,
+                    seconds=duration,
+                    warmup_seconds=warmup,
+                    channels=args.channels,
+                    metrics_url=metrics_url,
                 )
-                row = {"setting": label, "max_batch_size": max_batch_size, **result.summary()}
-                batch = row["mean_batch_size"]
-                row["ceiling_throughput"] = None if batch is None else ceiling.throughput_at(batch)
-                row["efficiency"] = None if batch is None else row["throughput"] / row["ceiling_throughput"]
-                rows.append(row)
+                row = {"setting": label, "max_batch_size": max_batch_size, **asyncio.run(load).summary()}
+                rows.append({**row, "load_average_1m": os.getloadavg()[0]})
         finally:
             if server is not None:
                 server.stop()
+        console.print("ceiling round ...", highlight=False)
+        meter.round()  # while no server runs
+
+    ceiling = meter.result()
+    for row in rows:
+        batch = row["mean_batch_size"]
+        row["ceiling_throughput"] = None if batch is None else ceiling.throughput_at(batch)
+        row["efficiency"] = None if batch is None else row["throughput"] / row["ceiling_throughput"]
 
     report = {
         "machine": machine,
@@ -212,7 +213,10 @@ def _parser() -> argparse.ArgumentParser:
         "--warmup", type=float, metavar="S", help="warm-up before each window, seconds (default 1)"
     )
     parser.add_argument(
-        "--ceiling-seconds", type=float, metavar="S", help="time per batch size on the ceiling (default 1.5)"
+        "--ceiling-seconds",
+        type=float,
+        metavar="S",
+        help="time per batch size and round of the ceiling (default 0.5)",
     )
     parser.add_argument("--channels", type=int, default=1, help="gRPC channels the tasks share (default 1)")
     parser.add_argument(

@@ -17,7 +17,7 @@ ROW_FIELDS = {"throughput", "p50", "p95", "p99", "mean_batch_size", "errors", "e
 
 
 def bench(*args: str, timeout: float = 150) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "loadtest.bench", "--ceiling-seconds", "0.1", *args]
+    command = [sys.executable, "-m", "loadtest.bench", "--ceiling-seconds", "0.05", *args]
     return subprocess.run(
         command, cwd=ROOT, env=server_env(), capture_output=True, text=True, timeout=timeout
     )
