@@ -187,7 +187,8 @@ def plot(report: dict, path: Path) -> None:
         linestyle="--",
         label=f"ceiling (in-process, batch {best})",
     )
-    left.axhline(by_batch["1"]["throughput"], color="grey", linestyle=":", label="ceiling, batch 1")
+    if best != "1":
+        left.axhline(by_batch["1"]["throughput"], color="grey", linestyle=":", label="ceiling, batch 1")
     for axis, title, unit in ((left, "throughput", "images/s"), (right, "p99 latency", "ms")):
         axis.set_xscale("log", base=2)
         axis.set_xticks(sorted({row["concurrency"] for row in rows}))
