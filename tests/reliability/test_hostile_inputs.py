@@ -215,3 +215,58 @@ async def test_a_stream_left_open_can_be_cancelled_by_its_client(server):
         # the same connection keeps working
         response = await stub_for(channel).Classify(pb.ClassifyRequest(encoded=image), timeout=10)
         assert response.labels
+
+
+def _peak_rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+
+
+async def test_a_compressed_message_bomb_is_refused_without_inflating_it(server):
+    """64 MiB of zeros gzip to 64 KiB: gRPC must stop decompressing at the message size limit."""
+    request = pb.ClassifyRequest(encoded=b"\x89PNG" + bytes(64 * 2**20))
+    peak_before = _peak_rss_mb(server.process.pid)
+    async with grpc.aio.insecure_channel(server.address, options=CHANNEL_OPTIONS) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await stub_for(channel).Classify(request, compression=grpc.Compression.Gzip, timeout=30)
+    del request
+    assert raised.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert _peak_rss_mb(server.process.pid) - peak_before < 48  # the 2 MiB limit, not 64 MiB
+    assert health_status(server.address) == "SERVING"
+
+
+async def test_oversized_metadata_is_refused_and_the_connection_keeps_working(server):
+    image = corpus.encode(corpus.picture(16, 16))
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        stub = stub_for(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            junk = [("x-junk", "a" * 100_000)]
+            await stub.Classify(pb.ClassifyRequest(encoded=image), metadata=junk, timeout=10)
+        assert raised.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert (await stub.Classify(pb.ClassifyRequest(encoded=image), timeout=10)).labels
+
+
+async def test_many_idle_streams_do_not_starve_other_callers(server):
+    """100 streams that each send one item and then sit open, never half-closing: a caller on
+    another connection is still answered at once."""
+    image = corpus.encode(corpus.picture(16, 16))
+    never = asyncio.Event()
+
+    def requests(i):
+        async def gen():
+            yield pb.ClassifyRequest(request_id=f"idle{i}", encoded=image)
+            await never.wait()
+
+        return gen()
+
+    async with grpc.aio.insecure_channel(server.address) as idle_channel:
+        calls = [stub_for(idle_channel).ClassifyStream(requests(i), timeout=30) for i in range(100)]
+        firsts = await asyncio.gather(*(call.read() for call in calls))
+        assert {f.request_id for f in firsts} == {f"idle{i}" for i in range(100)}
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            started = asyncio.get_running_loop().time()
+            response = await stub_for(channel).Classify(pb.ClassifyRequest(encoded=image), timeout=10)
+            assert response.labels and asyncio.get_running_loop().time() - started < 2
+        for call in calls:
+            call.cancel()
+    assert health_status(server.address) == "SERVING"
