@@ -14,12 +14,12 @@ import ssl
 
 import grpc
 import torch
-from cbam.v1 import inference_pb2 as pb
-from cbam.v1 import inference_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from cbam.v1 import inference_pb2 as pb
+from cbam.v1 import inference_pb2_grpc
 from server.config import Settings, Tls
 from server.errors import StartupError
 from server.metrics import MetricsEndpoint, ServerMetrics
@@ -145,7 +145,7 @@ def build_server(settings: Settings, *, runner: ModelRunner | None = None) -> tu
             ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share it
         ],
         maximum_concurrent_rpcs=limits.max_concurrent_rpcs,
-        interceptors=_interceptors(settings),
+        interceptors=_interceptors(settings, metrics),
     )
     servicer = InferenceServicer(pipeline, _model_info(d, settings), metrics, limits.max_stream_inflight)
     inference_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, server)
@@ -250,10 +250,13 @@ def plaintext_warning(settings: Settings) -> str | None:
     )
 
 
-def _interceptors(settings: Settings) -> list[grpc.aio.ServerInterceptor]:
+def _interceptors(settings: Settings, metrics: ServerMetrics) -> list[grpc.aio.ServerInterceptor]:
     tokens = [token.get_secret_value() for token in settings.auth.tokens]
     if not tokens:
         return []
     from server.auth import BearerTokenInterceptor
 
-    return [BearerTokenInterceptor(tokens, SERVICE_NAME)]
+    def count_refusal(method: str) -> None:  # refused before the servicer, which counts the rest
+        metrics.requests.labels(method, "UNAUTHENTICATED").inc()
+
+    return [BearerTokenInterceptor(tokens, SERVICE_NAME, count_refusal)]

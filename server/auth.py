@@ -22,9 +22,13 @@ def _digest(token: str) -> bytes:
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     """Answers UNAUTHENTICATED to calls of ``service`` without "authorization: Bearer <token>"."""
 
-    def __init__(self, tokens: Iterable[str], service: str) -> None:
+    def __init__(
+        self, tokens: Iterable[str], service: str, on_refusal: Callable[[str], None] | None = None
+    ) -> None:
+        """``on_refusal(method)`` is called for each refused call, with the bare method name."""
         self._digests = [_digest(token) for token in tokens]
         self._prefix = f"/{service}/"
+        self._on_refusal = on_refusal
 
     async def intercept_service(
         self,
@@ -34,7 +38,8 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None or not details.method.startswith(self._prefix) or self._authorized(details):
             return handler
-        return _refusal(handler)
+        method = details.method.removeprefix(self._prefix)
+        return _refusal(handler, lambda: self._on_refusal and self._on_refusal(method))
 
     def _authorized(self, details: grpc.HandlerCallDetails) -> bool:
         given = dict(details.invocation_metadata or ()).get("authorization", "")
@@ -49,8 +54,9 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         return well_formed and any(matches)
 
 
-def _refusal(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+def _refusal(handler: grpc.RpcMethodHandler, count: Callable[[], object]) -> grpc.RpcMethodHandler:
     async def refuse(request, context: grpc.aio.ServicerContext) -> None:
+        count()
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, REFUSAL)
 
     if handler.request_streaming and handler.response_streaming:
@@ -61,8 +67,5 @@ def _refusal(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         make = grpc.unary_stream_rpc_method_handler
     else:
         make = grpc.unary_unary_rpc_method_handler
-    return make(
-        refuse,
-        request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer,
-    )
+    # No request deserialiser: a caller without a token does not get its message parsed.
+    return make(refuse, request_deserializer=None, response_serializer=handler.response_serializer)

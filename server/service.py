@@ -11,9 +11,9 @@ import uuid
 from collections.abc import AsyncIterator
 
 import grpc
+
 from cbam.v1 import inference_pb2 as pb
 from cbam.v1 import inference_pb2_grpc
-
 from server.errors import (
     Cancelled,
     Expired,

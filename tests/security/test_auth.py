@@ -162,6 +162,32 @@ async def test_missing_or_wrong_tokens_get_one_and_the_same_refusal(guarded):
     assert server.metrics.registry.get_sample_value("cbam_batch_size_count") in (None, 0.0), "work was done"
 
 
+async def test_refusals_are_counted_without_deserialising_the_request(make_server, env, monkeypatch):
+    """cbam_requests_total{code="UNAUTHENTICATED"} is what a brute-force alert watches; and a caller
+    without a token does not get the server to parse its (possibly 16 MiB) message."""
+    parsed = []
+    real = pb.ClassifyRequest.FromString
+    monkeypatch.setattr(pb.ClassifyRequest, "FromString", lambda data: parsed.append(1) or real(data))
+    env.set("CBAM_AUTH__TOKENS", ",".join(TOKENS))
+    server = await make_server()  # registers the (patched) deserialiser
+    request = pb.ClassifyRequest(encoded=IMAGE)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = inference_pb2_grpc.InferenceServiceStub(channel)
+        for _ in range(3):
+            await _status(stub.Classify(request, timeout=10, metadata=_auth("Bearer x")))
+        await _status(stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10))
+        await _status(_drain(stub.ClassifyStream(iter([request]), timeout=10)))
+        assert not parsed
+        await stub.Classify(request, timeout=10, metadata=_auth(f"Bearer {TOKENS[0]}"))
+        assert parsed, "the patched deserialiser is not the server's: this test checks nothing"
+
+    def refused(method: str) -> float | None:
+        labels = {"method": method, "code": "UNAUTHENTICATED"}
+        return server.metrics.registry.get_sample_value("cbam_requests_total", labels)
+
+    assert (refused("Classify"), refused("GetModelInfo"), refused("ClassifyStream")) == (3, 1, 1)
+
+
 async def _drain(call):
     return [answer async for answer in call]
 
