@@ -25,7 +25,7 @@ from server.errors import StartupError
 from server.metrics import MetricsEndpoint, ServerMetrics
 from server.pipeline import InferencePipeline
 from server.runner import ModelDescription, ModelRunner, configure_torch_threads
-from server.service import InferenceServicer
+from server.service import InferenceServicer, ParseRequests
 
 __all__ = ["InferenceServer", "build_server", "plaintext_warning", "serve"]
 
@@ -251,12 +251,14 @@ def plaintext_warning(settings: Settings) -> str | None:
 
 
 def _interceptors(settings: Settings, metrics: ServerMetrics) -> list[grpc.aio.ServerInterceptor]:
+    # The first runs first: a caller without a token is refused before its message is parsed.
+    parse = ParseRequests(SERVICE_NAME)
     tokens = [token.get_secret_value() for token in settings.auth.tokens]
     if not tokens:
-        return []
+        return [parse]
     from server.auth import BearerTokenInterceptor
 
     def count_refusal(method: str) -> None:  # refused before the servicer, which counts the rest
         metrics.requests.labels(method, "UNAUTHENTICATED").inc()
 
-    return [BearerTokenInterceptor(tokens, SERVICE_NAME, count_refusal)]
+    return [BearerTokenInterceptor(tokens, SERVICE_NAME, count_refusal), parse]

@@ -270,3 +270,29 @@ async def test_many_idle_streams_do_not_starve_other_callers(server):
         for call in calls:
             call.cancel()
     assert health_status(server.address) == "SERVING"
+
+
+MALFORMED = [b"\xff\xff\xff", b"\x12\xff\xff\xff\xff\x0f", b"\x0a\x05\xff\xfe\xfd\xfc\xfb", b"\x1a\x02\x08"]
+
+
+@pytest.mark.parametrize("raw", MALFORMED)
+async def test_bytes_that_are_not_a_request_message_are_invalid_argument(server, raw):
+    """Malformed protobuf (bad wire format, a string that is not UTF-8, a truncated sub-message):
+    INVALID_ARGUMENT naming the message, not UNKNOWN with a traceback in the server log."""
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        classify = channel.unary_unary("/cbam.v1.InferenceService/Classify")  # raw bytes in and out
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await classify(raw, timeout=10)
+        assert raised.value.code() is grpc.StatusCode.INVALID_ARGUMENT, raised.value.details()
+        assert "cbam.v1.ClassifyRequest" in raised.value.details()
+
+        stream = channel.stream_stream("/cbam.v1.InferenceService/ClassifyStream")
+        good = pb.ClassifyRequest(request_id="good", encoded=corpus.encode(corpus.picture(8, 8)))
+        call = stream(iter([good.SerializeToString(), raw]), timeout=10)
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            async for _ in call:
+                pass
+        assert raised.value.code() is grpc.StatusCode.INVALID_ARGUMENT, raised.value.details()
+    errors = [line for line in server.lines if '"level": "ERROR"' in line]
+    assert not errors, f"a hostile message logged an error: {errors[:1]}"
+    assert health_status(server.address) == "SERVING"
