@@ -98,7 +98,13 @@ class CBAM(nn.Module):
     The defaults reproduce the authors' module: biased MLP with r=16, 7x7 conv + BatchNorm.
     ``inplace=True`` lets it overwrite its input when autograd is off (as the residual blocks do: on
     CPU a fresh activation-sized buffer costs page faults that cost more than the multiply).
+
+    ``forward(x, shortcut)`` returns ``shortcut + CBAM(x)``, the last multiply and the residual addition
+    in one pass (``torch.addcmul``): residual blocks hand it their shortcut (``fuses_shortcut``).
     """
+
+    # Residual blocks pass their shortcut to attention modules that say they add it themselves.
+    fuses_shortcut = True
 
     def __init__(
         self,
@@ -125,19 +131,35 @@ class CBAM(nn.Module):
         )
         self.inplace = inplace
 
-    def forward_with_maps(self, x: Tensor) -> tuple[Tensor, AttentionMaps]:
-        """Apply CBAM and return the output with the maps applied (spatial as B x H x W)."""
+    def forward_with_maps(self, x: Tensor, shortcut: Tensor | None = None) -> tuple[Tensor, AttentionMaps]:
+        """Apply CBAM (and add ``shortcut`` if given); return the output and the maps applied (spatial
+        as B x H x W)."""
         # With autograd on, the pooled inputs are saved for backward and must not be overwritten.
         inplace = self.inplace and not torch.is_grad_enabled()
         channel = spatial = None
         if self.channel is not None:
             channel = self.channel.attention(x)
-            x = x.mul_(channel[:, :, None, None]) if inplace else x * channel[:, :, None, None]
+            gate = channel[:, :, None, None]
+            if self.spatial is None and shortcut is not None:
+                return _add_product(shortcut, x, gate, inplace), AttentionMaps(channel, None)
+            x = x.mul_(gate) if inplace else x * gate
         if self.spatial is not None:
             spatial = self.spatial.attention(x)
-            x = x.mul_(spatial) if inplace else x * spatial
+            if shortcut is not None:
+                x = _add_product(shortcut, x, spatial, inplace)
+            else:
+                x = x.mul_(spatial) if inplace else x * spatial
             spatial = spatial.squeeze(1)
         return x, AttentionMaps(channel, spatial)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_with_maps(x)[0]
+    def forward(self, x: Tensor, shortcut: Tensor | None = None) -> Tensor:
+        return self.forward_with_maps(x, shortcut)[0]
+
+
+def _add_product(shortcut: Tensor, x: Tensor, gate: Tensor, inplace: bool) -> Tensor:
+    """``shortcut + x * gate`` in one pass, into ``x`` when ``inplace``."""
+    # Dynamo (torch.compile, torch.export, the ONNX exporter) refuses a channels-last ``out=``; the
+    # compilers fuse the out-of-place op themselves, and both give the same numbers.
+    if inplace and not torch.compiler.is_compiling():
+        return torch.addcmul(shortcut, x, gate, out=x)
+    return torch.addcmul(shortcut, x, gate)

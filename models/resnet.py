@@ -66,17 +66,26 @@ class _Block(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         out = self._residual(x)
-        if self.attention is not None:
+        if self.attention is None:
+            out += self._shortcut(x)
+        elif getattr(self.attention, "fuses_shortcut", False):
+            # CBAM adds the shortcut in the pass that applies its last map: one pass over the
+            # activation fewer per block.
+            out = self.attention(out, self._shortcut(x))
+        else:
             out = self.attention(out)
-        out += self._shortcut(x)
+            out += self._shortcut(x)
         return self.relu(out)
 
     def forward_with_attention(self, x: Tensor) -> tuple[Tensor, AttentionMaps]:
         """Like ``forward``, also returning the maps the block's CBAM applied."""
         if not hasattr(self.attention, "forward_with_maps"):
             raise TypeError(f"this block's attention ({type(self.attention).__name__}) returns no maps")
-        out, maps = self.attention.forward_with_maps(self._residual(x))
-        out += self._shortcut(x)
+        if getattr(self.attention, "fuses_shortcut", False):
+            out, maps = self.attention.forward_with_maps(self._residual(x), self._shortcut(x))
+        else:
+            out, maps = self.attention.forward_with_maps(self._residual(x))
+            out += self._shortcut(x)
         return self.relu(out), maps
 
 
