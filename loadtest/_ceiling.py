@@ -57,12 +57,14 @@ def build_model(arch: str | None, input_size: int | None = None) -> tuple[nn.Mod
 
 @dataclass
 class Ceiling:
-    """Forward-pass throughput (images/s) and latency (ms, best round's median) by batch size."""
+    """Forward-pass throughput (images/s) and latency (ms) by batch size, from the best window of passes.
+
+    `round_latencies_ms` keeps each round's typical (median window) latency, to show the spread."""
 
     threads: int
     throughput: dict[int, float] = field(default_factory=dict)
     latency_ms: dict[int, float] = field(default_factory=dict)
-    round_latencies_ms: dict[int, list[float]] = field(default_factory=dict)  # every round's median
+    round_latencies_ms: dict[int, list[float]] = field(default_factory=dict)
 
     def throughput_at(self, batch_size: float) -> float:
         """Throughput at a (mean, so fractional) batch size: linear in log2(batch) between measured sizes."""
@@ -96,10 +98,12 @@ class Ceiling:
 class CeilingMeter:
     """Times forward passes at each batch size, in rounds the caller spreads over the benchmark.
 
-    Each round visits every size for `seconds_per_size` (at least `min_passes` passes) and records the
-    median pass. A size's ceiling is its best round: on a shared machine a burst of other work then
-    costs one round, not the ceiling. cbam-bench runs a round before each server starts and one at the
-    end, while no server is running.
+    Each round visits every size for `seconds_per_size` (at least `min_passes` passes), in windows of
+    `window` consecutive passes, and records each window's median. A size's ceiling is its best window
+    over the whole run: on a shared machine other work slows some windows (two torch threads on two busy
+    cores can take 100 times as long), and the best window is what the model does when it has the
+    cores, which is what the server is compared with. cbam-bench runs a round before each server starts
+    and one at the end, while no server is running.
     """
 
     def __init__(
@@ -109,17 +113,19 @@ class CeilingMeter:
         batch_sizes: Iterable[int],
         seconds_per_size: float = 0.5,
         min_passes: int = 2,
+        window: int = 5,
     ) -> None:
         self.model = model
         self.threads = configure_threads()
         self.seconds_per_size = seconds_per_size
         self.min_passes = min_passes
+        self.window = window
         generator = torch.Generator().manual_seed(0)
         self.inputs = {
             size: torch.rand(size, 3, *input_size, generator=generator).to(memory_format=torch.channels_last)
             for size in sorted(set(batch_sizes))
         }
-        self.medians: dict[int, list[float]] = {size: [] for size in self.inputs}
+        self.windows: dict[int, list[list[float]]] = {size: [] for size in self.inputs}  # per round
         with torch.inference_mode():
             for x in self.inputs.values():  # warm-up: first passes allocate and pick kernels
                 model(x)
@@ -133,15 +139,19 @@ class CeilingMeter:
                     t0 = time.perf_counter()
                     self.model(x)
                     times.append(time.perf_counter() - t0)
-                self.medians[size].append(statistics.median(times))
+                chunks = [times[i : i + self.window] for i in range(0, len(times), self.window)]
+                if len(chunks) > 1 and len(chunks[-1]) < self.window:
+                    short = chunks.pop()
+                    chunks[-1] += short  # no window shorter than `window` passes
+                self.windows[size].append([statistics.median(chunk) for chunk in chunks])
 
     def result(self) -> Ceiling:
         ceiling = Ceiling(threads=self.threads)
-        for size, medians in self.medians.items():
-            best = min(medians)
+        for size, rounds in self.windows.items():
+            best = min(min(medians) for medians in rounds)
             ceiling.throughput[size] = size / best
             ceiling.latency_ms[size] = best * 1000
-            ceiling.round_latencies_ms[size] = [m * 1000 for m in medians]
+            ceiling.round_latencies_ms[size] = [statistics.median(medians) * 1000 for medians in rounds]
         return ceiling
 
 
