@@ -124,7 +124,7 @@ def build_server(settings: Settings, *, runner: ModelRunner | None = None) -> tu
     configure_torch_threads()
     metrics = ServerMetrics()
     if runner is None:
-        runner = ModelRunner.from_settings(settings.model)
+        runner = ModelRunner.from_settings(settings.model, settings.batching.max_batch_size)
     d = runner.description
     metrics.describe_model(arch=d.arch, version=d.version, device=d.device, dtype=d.dtype)
     if runner.device.type == "cuda":

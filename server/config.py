@@ -74,6 +74,11 @@ class ModelSettings(_Group):
         "float32", description="Compute dtype; float16 needs CUDA, bfloat16 runs on CUDA and CPU."
     )
     channels_last: bool = Field(True, description="Run convolutions on channels-last (NHWC) memory.")
+    backend: Literal["eager", "compile", "onnxruntime"] = Field(
+        "eager",
+        description="How batches run: eager PyTorch; compile (torch.compile, one graph per batch bucket, "
+        "slow start); onnxruntime (exported ONNX graph; needs the onnx extra, float32 only).",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSettings:

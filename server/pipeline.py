@@ -22,7 +22,7 @@ from server.config import Settings, usable_cores
 from server.errors import InvalidInput
 from server.metrics import ServerMetrics
 from server.postprocess import AttentionQuery, EncodedMap, LabelScore, encode_attention, top_k
-from server.preprocess import ImageSpec, RawTensor, preprocess
+from server.preprocess import ImageSpec, RawTensor, load_pixels
 from server.runner import BatchItem, ItemOutput, ModelDescription, ModelRunner, warm_up_sizes
 
 __all__ = ["DEFAULT_TOP_K", "InferencePipeline", "Prediction", "Query", "Timings"]
@@ -105,7 +105,7 @@ class InferencePipeline:
 
         started = time.monotonic()
         with self._metrics.stage_seconds.labels("preprocess").time():
-            tensor = await loop.run_in_executor(self._preprocess_pool, preprocess, query.image, self._spec)
+            tensor = await loop.run_in_executor(self._preprocess_pool, load_pixels, query.image, self._spec)
         preprocess_seconds = time.monotonic() - started
 
         batched: Batched[ItemOutput] = await self.batcher.submit(BatchItem(tensor, blocks), deadline)

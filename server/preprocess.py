@@ -2,6 +2,10 @@
 
 Pure functions, run in a thread before a request is queued, so a bad input fails only its own
 request. Every check says which field was wrong, what it got and what is allowed.
+
+``load_pixels`` is the served path: decode (JPEG at a reduced size when the image is larger than the
+model's input, Pillow's draft mode), validate, resize once, and hand over uint8 pixels; the runner
+normalises them in the batch. ``preprocess`` is the reference that returns the normalised tensor.
 """
 
 from __future__ import annotations
@@ -26,7 +30,15 @@ from PIL import (
 
 from server.errors import InvalidInput, TooLarge
 
-__all__ = ["ALLOWED_FORMATS", "ImageSpec", "RawTensor", "decode_image", "preprocess", "tensor_from_raw"]
+__all__ = [
+    "ALLOWED_FORMATS",
+    "ImageSpec",
+    "RawTensor",
+    "decode_image",
+    "load_pixels",
+    "preprocess",
+    "tensor_from_raw",
+]
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
 # Importing a plugin registers it in Image.OPEN, which _open() reads.
@@ -67,15 +79,37 @@ def preprocess(source: bytes | RawTensor, spec: ImageSpec) -> torch.Tensor:
             pixels = pixels.resize((width, height), Image.Resampling.BILINEAR)
         array = (np.asarray(pixels, dtype=np.float32) / 255.0 - mean) / std  # H x W x 3
         return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
-    x = _resize_tensor(pixels, spec.input_size)
-    return ((x - torch.from_numpy(mean).view(3, 1, 1)) / torch.from_numpy(std).view(3, 1, 1)).contiguous()
+    return _normalise(_resize_tensor(pixels, spec.input_size), spec)
 
 
-def decode_image(data: bytes, max_pixels: int) -> Image.Image:
+def _normalise(x: torch.Tensor, spec: ImageSpec) -> torch.Tensor:
+    mean = torch.tensor(spec.mean, dtype=torch.float32).view(3, 1, 1)
+    std = torch.tensor(spec.std, dtype=torch.float32).view(3, 1, 1)
+    return ((x - mean) / std).contiguous()
+
+
+def load_pixels(source: bytes | RawTensor, spec: ImageSpec) -> torch.Tensor:
+    """Decode, validate and resize one image: uint8 H x W x 3 pixels at the model's input size, for the
+    runner to normalise in the batch. A float32 tensor comes back normalised (float32 3 x H x W), as
+    ``preprocess`` makes it."""
+    height, width = spec.input_size
+    if isinstance(source, RawTensor):
+        pixels = tensor_from_raw(source, spec.max_pixels)
+        if isinstance(pixels, torch.Tensor):
+            return _normalise(_resize_tensor(pixels, spec.input_size), spec)
+    else:
+        pixels = decode_image(source, spec.max_pixels, draft_size=(width, height))
+    if pixels.size != (width, height):
+        pixels = pixels.resize((width, height), Image.Resampling.BILINEAR)
+    return torch.from_numpy(np.array(pixels, dtype=np.uint8))  # np.array: a writable copy
+
+
+def decode_image(data: bytes, max_pixels: int, draft_size: tuple[int, int] | None = None) -> Image.Image:
     """Decode an image file into an RGB PIL image, honouring EXIF orientation.
 
     The size is read from the header and checked against ``max_pixels`` before any pixel is
-    decoded, so a decompression bomb costs nothing but its header.
+    decoded, so a decompression bomb costs nothing but its header. With ``draft_size`` (W, H), a JPEG
+    larger than it is decoded at 1/2, 1/4 or 1/8 scale (never below that size, either way round).
     """
     if not data:
         raise InvalidInput("image.encoded is empty")
@@ -94,8 +128,13 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
     _check_pixels("image.encoded", width, height, max_pixels)
     try:
         image.seek(0)  # GIF, WebP: the first frame
+        if draft_size is not None and image.format == "JPEG":
+            # The longer side on both axes, so an EXIF rotation still leaves both at least the target.
+            side = max(draft_size)
+            image.draft(None, (side, side))
         image.load()
-        return _to_rgb(ImageOps.exif_transpose(image))
+        ImageOps.exif_transpose(image, in_place=True)  # in place: no copy when there is nothing to turn
+        return _to_rgb(image)
     except Image.DecompressionBombError as exc:
         raise TooLarge(f"image.encoded: {exc}") from None
     except Exception as exc:  # as above: a decoder's failure on these bytes is their fault

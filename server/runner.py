@@ -1,8 +1,15 @@
-"""Runs the model: device, dtype, memory format, warm-up, and one forward pass per batch.
+"""Runs the model: device, dtype, memory format, backend, warm-up, and one forward pass per batch.
 
 ``run_batch`` is synchronous and meant for one dedicated thread, so the event loop keeps accepting
 requests while a batch computes. The forward asks for attention maps only when at least one request
-in the batch did, and then only for the union of the blocks they asked for.
+in the batch did, and then only for the union of the blocks they asked for; only the rows of the
+requests that asked are copied back to the host.
+
+Images arrive as uint8 pixels (H x W x 3) and are normalised once, in the batch: on the CPU one fused
+multiply-add per image writes straight into a preallocated channels-last batch; on CUDA the uint8
+batch (a quarter of float32's bytes) goes through a pinned buffer, is copied without blocking, and is
+normalised on the device. Backends that compile one graph per shape get batches padded up to the next
+bucket (``batch_buckets``).
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from server.backends import BACKENDS, EagerBackend, ModelBackend, create_backend
 from server.config import ModelSettings, usable_cores
 from server.errors import OutOfMemory, StartupError
 
@@ -23,6 +31,8 @@ __all__ = [
     "ItemOutput",
     "ModelDescription",
     "ModelRunner",
+    "batch_buckets",
+    "bucket_for",
     "configure_torch_threads",
     "resolve_device",
     "warm_up_sizes",
@@ -48,11 +58,16 @@ class ModelDescription:
     dtype: str
     attention_blocks: tuple[str, ...]
     num_parameters: int
+    backend: str = "eager"
 
 
 @dataclass(frozen=True)
 class BatchItem:
-    """One preprocessed image (float32, 3 x H x W) and the blocks whose maps it wants (None: no maps)."""
+    """One image and the blocks whose maps it wants (None: no maps).
+
+    ``tensor`` is uint8 pixels, H x W x 3 at the model's input size (normalised in the batch), or an
+    already normalised float32 3 x H x W tensor.
+    """
 
     tensor: torch.Tensor
     blocks: frozenset[str] | None = None
@@ -85,6 +100,20 @@ def warm_up_sizes(max_batch_size: int) -> list[int]:
     return [*sizes, max_batch_size]
 
 
+def batch_buckets(max_batch_size: int) -> list[int]:
+    """The shapes a static-shape backend compiles: powers of two below ``max_batch_size``, and itself.
+
+    A batch is padded up to the smallest bucket that holds it, so at most half of a forward is padding
+    and only log2(max_batch_size) + 1 graphs (or CUDA graphs) are built.
+    """
+    return warm_up_sizes(max_batch_size)
+
+
+def bucket_for(size: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket that holds ``size`` items (``size`` itself beyond the largest)."""
+    return next((b for b in buckets if b >= size), size)
+
+
 class ModelRunner:
     """A model on its device, ready for batches. Build it with ``from_settings``."""
 
@@ -101,11 +130,27 @@ class ModelRunner:
         device: torch.device,
         dtype: torch.dtype,
         channels_last: bool,
+        backend: str = "eager",
+        max_batch_size: int = 32,
     ) -> None:
+        if backend not in BACKENDS:
+            raise StartupError("model.backend", f"unknown backend {backend!r}; choose one of {BACKENDS}")
         self._memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.model = model.eval().to(device=device, dtype=dtype, memory_format=self._memory_format)
+        self._model = model.eval().to(device=device, dtype=dtype, memory_format=self._memory_format)
         self.device = device
         self.dtype = dtype
+        self.buckets = batch_buckets(max_batch_size)
+        height, width = int(input_size[0]), int(input_size[1])
+        # (x / 255 - mean) / std as one multiply-add: x * scale + shift, per channel (NHWC's last axis).
+        std_ = torch.tensor([float(v) for v in std], dtype=torch.float64)
+        mean_ = torch.tensor([float(v) for v in mean], dtype=torch.float64)
+        self._scale = (1.0 / (255.0 * std_)).to(device=device, dtype=torch.float32)
+        self._shift = (-mean_ / std_).to(device=device, dtype=torch.float32)
+        # The batch, preallocated for the largest bucket: B x H x W x 3 is channels-last B x 3 x H x W.
+        self._batch = torch.zeros(self.buckets[-1], height, width, 3, device=device, dtype=dtype)
+        self._staging: torch.Tensor | None = None
+        if device.type == "cuda":  # uint8 pixels go to the device through a pinned buffer
+            self._staging = torch.zeros(self.buckets[-1], height, width, 3, dtype=torch.uint8).pin_memory()
         blocks = tuple(getattr(model, "attention_blocks", ()))
         self.description = ModelDescription(
             arch=arch,
@@ -118,10 +163,33 @@ class ModelRunner:
             dtype=str(dtype).removeprefix("torch."),
             attention_blocks=blocks,
             num_parameters=sum(p.numel() for p in model.parameters()),
+            backend=backend,
         )
+        try:
+            self._backend: ModelBackend = create_backend(
+                backend,
+                lambda: self._model,
+                device=device,
+                dtype=dtype,
+                input_size=(height, width),
+                threads=torch.get_num_threads(),
+            )
+        except ValueError as exc:
+            raise StartupError("model.backend", str(exc)) from None
+
+    @property
+    def model(self) -> nn.Module:
+        """The served module. Assigning another one serves it eagerly (a seam for tests): a compiled
+        or exported graph of the old module would not see it."""
+        return self._model
+
+    @model.setter
+    def model(self, module: nn.Module) -> None:
+        self._model = module
+        self._backend = EagerBackend(lambda: self._model)
 
     @classmethod
-    def from_settings(cls, settings: ModelSettings) -> ModelRunner:
+    def from_settings(cls, settings: ModelSettings, max_batch_size: int = 32) -> ModelRunner:
         """Load the checkpoint (or build ``arch`` with random weights) on the configured device and dtype.
 
         Raises StartupError naming the field when a setting cannot be honoured here.
@@ -151,6 +219,8 @@ class ModelRunner:
                 device=device,
                 dtype=dtype,
                 channels_last=settings.channels_last,
+                backend=settings.backend,
+                max_batch_size=max_batch_size,
             )
         path = Path(settings.checkpoint) if settings.checkpoint is not None else models.DEFAULT_CHECKPOINT
         try:
@@ -168,6 +238,8 @@ class ModelRunner:
             device=device,
             dtype=dtype,
             channels_last=settings.channels_last,
+            backend=settings.backend,
+            max_batch_size=max_batch_size,
         )
 
     def run_batch(self, items: Sequence[BatchItem]) -> list[ItemOutput]:
@@ -193,32 +265,60 @@ class ModelRunner:
         for item in items:
             if item.blocks is not None:
                 wanted |= item.blocks
-        asked = any(item.blocks is not None for item in items)
-        x = torch.stack([item.tensor for item in items])
-        if self.device.type == "cuda":
-            x = x.pin_memory()
-        x = x.to(self.device, self.dtype, non_blocking=True, memory_format=self._memory_format)
+        asking = [row for row, item in enumerate(items) if item.blocks is not None]
+        size = bucket_for(len(items), self.buckets) if self._backend.static_batch else len(items)
         with torch.inference_mode():
-            if asked:
-                logits, maps = self.model.forward_with_attention(x, blocks=sorted(wanted))
-            else:
-                logits, maps = self.model(x), {}
-            logits = logits.float().cpu()
-            maps = {
-                name: {
-                    "channel": None if m.channel is None else m.channel.float().cpu(),
-                    "spatial": None if m.spatial is None else m.spatial.float().cpu(),
-                }
+            x = self.assemble(items, size)
+            logits, maps = self._backend.run(x, sorted(wanted) if asking else None)
+            logits = logits[: len(items)].float().cpu()
+            # Maps go to the host only for the rows that asked for them.
+            rows = None if len(asking) == len(items) else torch.tensor(asking, device=self.device)
+            host = {
+                name: {"channel": _rows_to_host(m.channel, rows), "spatial": _rows_to_host(m.spatial, rows)}
                 for name, m in maps.items()
             }
+        at = {row: i for i, row in enumerate(asking)}
         outputs = []
         for row, item in enumerate(items):
             mine = {} if item.blocks is None else {
-                name: {kind: None if t is None else t[row] for kind, t in kinds.items()}
-                for name, kinds in maps.items() if name in item.blocks
+                name: {kind: None if t is None else t[at[row]] for kind, t in kinds.items()}
+                for name, kinds in host.items() if name in item.blocks
             }  # fmt: skip
             outputs.append(ItemOutput(logits[row], mine))
         return outputs
+
+    def assemble(self, items: Sequence[BatchItem], size: int | None = None) -> torch.Tensor:
+        """The normalised batch on the device, B x 3 x H x W (``size`` rows: the items, then padding).
+
+        uint8 pixels are normalised in one fused multiply-add straight into the preallocated batch; on
+        CUDA they travel as uint8 through a pinned buffer and are normalised on the device.
+        """
+        size = len(items) if size is None else size
+        if size > self._batch.shape[0]:  # beyond the largest bucket (a direct call with a large batch)
+            self._batch = torch.zeros(size, *self._batch.shape[1:], device=self.device, dtype=self.dtype)
+            if self._staging is not None:
+                self._staging = torch.zeros(size, *self._staging.shape[1:], dtype=torch.uint8).pin_memory()
+        batch = self._batch[:size]
+        staging = self._staging
+        pixel_rows = []
+        for row, item in enumerate(items):
+            t = item.tensor
+            if t.dtype != torch.uint8:  # already normalised, 3 x H x W
+                batch[row].copy_(t.permute(1, 2, 0))
+            elif staging is not None:
+                staging[row].copy_(t)
+                pixel_rows.append(row)
+            else:
+                torch.addcmul(self._shift, t, self._scale, out=batch[row])
+        if pixel_rows:  # CUDA: one non-blocking copy of uint8, normalised on the device
+            pixels = staging[: len(items)].to(self.device, non_blocking=True)
+            if len(pixel_rows) == len(items):
+                torch.addcmul(self._shift, pixels, self._scale, out=batch[: len(items)])
+            else:
+                for row in pixel_rows:
+                    torch.addcmul(self._shift, pixels[row], self._scale, out=batch[row])
+        x = batch.permute(0, 3, 1, 2)  # channels-last memory, B x 3 x H x W
+        return x if self._memory_format is torch.channels_last else x.contiguous()
 
     def warm_up(self, batch_sizes: Iterable[int]) -> None:
         """Run every batch size once (and attention once), so the first requests pay no set-up cost.
@@ -227,10 +327,17 @@ class ModelRunner:
         """
         height, width = self.description.input_size
         all_blocks = frozenset(self.description.attention_blocks)
+        pixels = torch.zeros(height, width, 3, dtype=torch.uint8)
+        sizes = list(batch_sizes)
+        if self._backend.static_batch:  # every bucket is a graph to build, with and without maps
+            sizes = sorted(set(sizes) | set(self.buckets))
         try:
-            for size in batch_sizes:
-                self.run_batch([BatchItem(torch.zeros(3, height, width))] * size)
-            self.run_batch([BatchItem(torch.zeros(3, height, width), all_blocks)])
+            for size in sizes:
+                self.run_batch([BatchItem(pixels)] * size)
+                if self._backend.static_batch and all_blocks:
+                    self.run_batch([BatchItem(pixels, all_blocks)] * size)
+            self.run_batch([BatchItem(pixels, all_blocks)])
+            self._check_against_eager()
         except RuntimeError as exc:
             if self.dtype is torch.float32:
                 raise
@@ -238,6 +345,44 @@ class ModelRunner:
                                f"{self.device}: {exc}") from None  # fmt: skip
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+    def _check_against_eager(self, atol: float = 1e-3, rtol: float = 1e-3) -> None:
+        """Refuse to serve a backend whose logits or maps differ from the eager module's."""
+        if isinstance(self._backend, EagerBackend):
+            return
+        height, width = self.description.input_size
+        generator = torch.Generator().manual_seed(0)
+        pixels = torch.randint(0, 256, (3, height, width, 3), dtype=torch.uint8, generator=generator)
+        blocks = frozenset(self.description.attention_blocks) or None
+        items = [BatchItem(p, blocks) for p in pixels]
+        got = self._forward(items)
+        with torch.inference_mode():
+            x = self.assemble(items)
+            if blocks:
+                want, maps = self._model.forward_with_attention(x, blocks=sorted(blocks))
+            else:
+                want, maps = self._model(x), {}
+            want = want.float().cpu()
+        allowed = atol + rtol * want.abs().max().item()
+        error = max((out.logits - want[row]).abs().max().item() for row, out in enumerate(got))
+        for name, m in maps.items():
+            for kind, t in (("channel", m.channel), ("spatial", m.spatial)):
+                if t is not None:
+                    t = t.float().cpu()
+                    error = max(error, *((out.maps[name][kind] - t[row]).abs().max().item()
+                                         for row, out in enumerate(got)))  # fmt: skip
+        if error > allowed:
+            raise StartupError(
+                "model.backend",
+                f"{self.description.backend} differs from eager by {error:.3g} (allowed {allowed:.3g}); "
+                "use model.backend eager",
+            )
+
+
+def _rows_to_host(t: torch.Tensor | None, rows: torch.Tensor | None) -> torch.Tensor | None:
+    if t is None:
+        return None
+    return (t if rows is None else t.index_select(0, rows)).float().cpu()
 
 
 def resolve_device(name: str) -> torch.device:
