@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import signal
+import threading
 import time
 
 import grpc
@@ -55,27 +56,35 @@ async def _unary_worker(stub, ledger: Ledger, stopping: asyncio.Event) -> None:
             return
 
 
-async def _stream_worker(stub, ledger: Ledger, stopping: asyncio.Event) -> None:
-    while True:
-        ids = [ledger.new_id("s") for _ in range(12)]
-        requests = [pb.ClassifyRequest(request_id=i, encoded=IMAGE) for i in ids]
-        seen: set[str] = set()
-        try:
-            async for answer in stub.ClassifyStream(iter(requests), timeout=CALL_TIMEOUT_S):
-                seen.add(answer.request_id)
-                if answer.WhichOneof("outcome") == "response":
-                    ledger.client[answer.request_id] = ("OK", "")
-                else:
-                    code = next(c for c in grpc.StatusCode if c.value[0] == answer.error.code)
-                    ledger.client[answer.request_id] = (code.name, answer.error.message)
-        except grpc.aio.AioRpcError as exc:
-            for i in ids:
-                if i not in seen:
-                    ledger.client[i] = (exc.code().name, f"stream ended: {exc.details()}")
-            if stopping.is_set():
+def _stream_worker(address: str, ledger: Ledger, stopping: threading.Event) -> None:
+    """Streams of 12 items, one after another, with the synchronous API (in a thread).
+
+    Not grpc.aio: when a server ends a stream (here UNAVAILABLE, draining) before the client has
+    sent all of it, the asyncio client can report INTERNAL "Internal error from Core" instead of the
+    server's status (grpc/grpc#36066). The synchronous client reports what the server sent.
+    """
+    with grpc.insecure_channel(address) as channel:
+        stub = stub_for(channel)
+        while True:
+            ids = [ledger.new_id("s") for _ in range(12)]
+            requests = [pb.ClassifyRequest(request_id=i, encoded=IMAGE) for i in ids]
+            seen: set[str] = set()
+            try:
+                for answer in stub.ClassifyStream(iter(requests), timeout=CALL_TIMEOUT_S):
+                    seen.add(answer.request_id)
+                    if answer.WhichOneof("outcome") == "response":
+                        ledger.client[answer.request_id] = ("OK", "")
+                    else:
+                        code = next(c for c in grpc.StatusCode if c.value[0] == answer.error.code)
+                        ledger.client[answer.request_id] = (code.name, answer.error.message)
+            except grpc.RpcError as exc:
+                for i in ids:
+                    if i not in seen:
+                        ledger.client[i] = (exc.code().name, f"stream ended: {exc.details()}")
+                if stopping.is_set():
+                    return
+            if stopping.is_set() and any(ledger.client[i][0] != "OK" for i in ids):
                 return
-        if stopping.is_set() and any(ledger.client[i][0] != "OK" for i in ids):
-            return
 
 
 async def _open_stream(stub, ledger: Ledger, outcome: dict) -> None:
@@ -121,12 +130,16 @@ async def test_sigterm_under_load_loses_no_accepted_request():
         async with grpc.aio.insecure_channel(server.address) as channel:
             stub = stub_for(channel)
             workers = [asyncio.create_task(_unary_worker(stub, ledger, stopping)) for _ in range(8)]
-            workers += [asyncio.create_task(_stream_worker(stub, ledger, stopping)) for _ in range(2)]
+            stopping_threads = threading.Event()
+            for _ in range(2):
+                stream = asyncio.to_thread(_stream_worker, server.address, ledger, stopping_threads)
+                workers.append(asyncio.create_task(stream))
             open_stream: dict = {}
             workers.append(asyncio.create_task(_open_stream(stub, ledger, open_stream)))
             await asyncio.sleep(2.0)
             sent_before_sigterm = len(ledger.client)
             stopping.set()
+            stopping_threads.set()
             started = time.monotonic()
             exit_code = await asyncio.to_thread(server.stop, signal.SIGTERM, GRACE_S + 20)
             took = time.monotonic() - started
