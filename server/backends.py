@@ -4,9 +4,9 @@
     logits, maps = backend.run(x, None)                  # x: B x 3 x H x W on the device
     logits, maps = backend.run(x, ["layer1.0", ...])     # maps: {block: AttentionMaps} for those blocks
 
-``eager`` calls the module itself (so tests can wrap or patch it). ``compile`` runs two
-``torch.compile`` graphs (logits only; logits and every map) with static shapes, so the runner pads each
-batch up to its bucket (``static_batch``). ``onnxruntime`` exports the model once, with every block's
+``eager`` calls the module itself (so tests can wrap or patch it). ``compile`` runs a ``torch.compile``
+graph with static shapes, so the runner pads each batch up to its bucket (``static_batch``); batches
+with maps run eagerly. ``onnxruntime`` exports the model once, with every block's
 maps as extra outputs, and fetches only the outputs a batch needs. docs/PERFORMANCE.md has the
 measurements that chose between them.
 """
@@ -24,7 +24,14 @@ from torch import Tensor, nn
 
 from models.cbam import AttentionMaps
 
-__all__ = ["BACKENDS", "CompiledBackend", "EagerBackend", "ModelBackend", "OnnxRuntimeBackend", "create_backend"]
+__all__ = [
+    "BACKENDS",
+    "CompiledBackend",
+    "EagerBackend",
+    "ModelBackend",
+    "OnnxRuntimeBackend",
+    "create_backend",
+]
 
 BACKENDS = ("eager", "compile", "onnxruntime")
 _log = logging.getLogger(__name__)
@@ -99,27 +106,27 @@ def _unflatten(
 class CompiledBackend(ModelBackend):
     """``torch.compile`` (Inductor) with frozen weights: BatchNorm folded into the convolutions, weights
     prepacked, CBAM's pooling, gating and residual fused. One graph per batch shape; on CUDA
-    ``mode="reduce-overhead"`` also captures each shape as a CUDA graph."""
+    ``mode="reduce-overhead"`` also captures each shape as a CUDA graph.
+
+    Batches that asked for maps run the eager module: a second graph per bucket would double a start
+    that already takes minutes for a ResNet-50, for the rarer kind of request."""
 
     name = "compile"
     static_batch = True
 
-    def __init__(self, model: nn.Module, device: torch.device, input_size: tuple[int, int]) -> None:
+    def __init__(self, model: nn.Module, device: torch.device) -> None:
         mode = "reduce-overhead" if device.type == "cuda" else None
         # freezing: weights become constants of the graph (folded, prepacked); the served module's
         # weights never change after loading.
-        options = {"freezing": True}
-        self._plain = torch.compile(model, dynamic=False, fullgraph=True, mode=mode, options=options)
-        self._layout = _map_layout(model, input_size) if hasattr(model, "forward_with_attention") else []
-        self._every_map = torch.compile(
-            _EveryMap(model), dynamic=False, fullgraph=True, mode=mode, options=options
+        self._model = model
+        self._plain = torch.compile(
+            model, dynamic=False, fullgraph=True, mode=mode, options={"freezing": True}
         )
 
     def run(self, x: Tensor, blocks: Sequence[str] | None) -> tuple[Tensor, dict[str, AttentionMaps]]:
         if blocks is None:
             return self._plain(x), {}
-        logits, *maps = self._every_map(x)
-        return logits, _unflatten(self._layout, maps, blocks)
+        return self._model.forward_with_attention(x, blocks=list(blocks))
 
 
 class OnnxRuntimeBackend(ModelBackend):
@@ -149,7 +156,9 @@ class OnnxRuntimeBackend(ModelBackend):
             providers.insert(0, ("CUDAExecutionProvider", {"device_id": device.index or 0}))
         self._session = onnxruntime.InferenceSession(data, options, providers=providers)
         self._input = self._session.get_inputs()[0].name
-        self._outputs = {(block, kind): name for (block, kind), name in zip(self._layout, names[1:], strict=True)}
+        self._outputs = {
+            (block, kind): name for (block, kind), name in zip(self._layout, names[1:], strict=True)
+        }
 
     def run(self, x: Tensor, blocks: Sequence[str] | None) -> tuple[Tensor, dict[str, AttentionMaps]]:
         wanted = [] if blocks is None else [key for key in self._layout if key[0] in set(blocks)]
@@ -206,7 +215,7 @@ def create_backend(
     if name == "eager":
         return EagerBackend(model)
     if name == "compile":
-        return CompiledBackend(model(), device, input_size)
+        return CompiledBackend(model(), device)
     if name == "onnxruntime":
         if dtype is not torch.float32:
             raise ValueError(f"onnxruntime runs the exported float32 graph; got model.dtype {dtype}")

@@ -329,13 +329,11 @@ class ModelRunner:
         all_blocks = frozenset(self.description.attention_blocks)
         pixels = torch.zeros(height, width, 3, dtype=torch.uint8)
         sizes = list(batch_sizes)
-        if self._backend.static_batch:  # every bucket is a graph to build, with and without maps
+        if self._backend.static_batch:  # every bucket is a graph to build
             sizes = sorted(set(sizes) | set(self.buckets))
         try:
             for size in sizes:
                 self.run_batch([BatchItem(pixels)] * size)
-                if self._backend.static_batch and all_blocks:
-                    self.run_batch([BatchItem(pixels, all_blocks)] * size)
             self.run_batch([BatchItem(pixels, all_blocks)])
             self._check_against_eager()
         except RuntimeError as exc:

@@ -49,7 +49,11 @@ def _assert_same(got, want) -> None:
 def _mixed_batch(runner: ModelRunner) -> list[BatchItem]:
     blocks = runner.description.attention_blocks
     pixels = _pixels(3, runner)
-    return [BatchItem(pixels[0]), BatchItem(pixels[1], frozenset(blocks)), BatchItem(pixels[2], frozenset(blocks[:1]))]
+    return [
+        BatchItem(pixels[0]),
+        BatchItem(pixels[1], frozenset(blocks)),
+        BatchItem(pixels[2], frozenset(blocks[:1])),
+    ]
 
 
 def test_fused_normalisation_equals_the_reference_preprocessing(eager: ModelRunner) -> None:
