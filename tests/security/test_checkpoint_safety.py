@@ -149,6 +149,8 @@ def test_no_code_unpickles_or_parses_yaml_unsafely():
                 flag = _keyword(node, "allow_pickle")
                 if isinstance(flag, ast.Constant) and flag.value is True:
                     unsafe.append(f"{where}: numpy.load(allow_pickle=True)")
-            elif name in ("eval", "exec") and owner == "" and path.parts[-2] in ("server", "client"):
+            elif isinstance(node.func, ast.Name) and name in ("eval", "exec") and path.parts[-2] in (
+                "server", "client"
+            ):  # the builtins; a module's .eval() is fine
                 unsafe.append(f"{where}: {name}()")
     assert not unsafe, "\n".join(unsafe)
