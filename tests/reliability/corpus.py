@@ -132,13 +132,13 @@ def gif_with_screen(width: int, height: int) -> bytes:
     return bytes(data)
 
 
-def _exif_rotated_jpeg() -> tuple[bytes, bytes, bytes]:
+def exif_rotated_jpeg(width: int = 48, height: int = 32) -> tuple[bytes, bytes, bytes]:
     """(jpeg, upright RGB PNG, stored-orientation RGB PNG) for a JPEG whose EXIF says 'rotate me'.
 
     The pixels are stored turned 90 degrees anticlockwise with orientation 6 ("rotate 90 clockwise to
     display"), so only a decoder that honours EXIF sees the upright picture.
     """
-    upright = Image.fromarray(picture(48, 32, seed=7))
+    upright = Image.fromarray(picture(width, height, seed=7))
     stored = upright.transpose(Image.Transpose.ROTATE_90)
     exif = Image.Exif()
     exif[_EXIF_ORIENTATION] = 6
@@ -243,7 +243,7 @@ def images(max_image_pixels: int) -> list[Case]:
         _encoded("progressive-jpeg", encode(rgb, "JPEG", progressive=True), [OK]),
         _encoded("tiff", encode(rgb, "TIFF"), [OK, INVALID]),
     ]
-    jpeg, upright, stored = _exif_rotated_jpeg()
+    jpeg, upright, stored = exif_rotated_jpeg()
     cases.append(_encoded("exif-rotated-jpeg", jpeg, [OK], upright, decoy=stored))
     gif, first, second = _animated_gif()
     cases.append(_encoded("animated-gif", gif, [OK], first, decoy=second))
