@@ -24,7 +24,7 @@ from server.config import Settings, Tls
 from server.errors import StartupError
 from server.metrics import MetricsEndpoint, ServerMetrics
 from server.pipeline import InferencePipeline
-from server.runner import ModelDescription, ModelRunner, configure_torch_threads
+from server.runner import ModelDescription, ModelRunner, configure_malloc, configure_torch_threads
 from server.service import InferenceServicer, ParseRequests
 
 __all__ = ["InferenceServer", "build_server", "plaintext_warning", "serve"]
@@ -122,6 +122,7 @@ def build_server(settings: Settings, *, runner: ModelRunner | None = None) -> tu
     ``runner`` replaces the model that settings.model describes: a seam for tests, not a setting.
     """
     configure_torch_threads()
+    configure_malloc()
     metrics = ServerMetrics()
     if runner is None:
         runner = ModelRunner.from_settings(settings.model, settings.batching.max_batch_size)
