@@ -30,7 +30,7 @@ from rich.console import Console
 
 from client import Client
 
-from ._ceiling import CeilingMeter, build_model
+from ._ceiling import CeilingMeter, build_model, configure_threads
 from ._report import UNITS, describe_machine, evaluate_targets, plot, print_targets, results_table
 from ._served import LaunchedServer, drive_load
 
@@ -68,15 +68,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     duration = args.duration if args.duration is not None else preset["duration"]
     warmup = args.warmup if args.warmup is not None else preset["warmup"]
     console = Console(stderr=True)
+    try:
+        server_cpus = _cpu_set(args.server_cpus, "--server-cpus")
+        client_cpus = _cpu_set(args.client_cpus, "--client-cpus")
+    except ValueError as exc:
+        parser.error(str(exc))
+    # Before any torch work: the ceiling's threads (and the servers started from here) get the
+    # server's cores, so the ceiling runs with the thread count the server will have.
+    _pin(server_cpus)
+    from server.runner import configure_malloc  # the server's allocator settings, for a fair ceiling
+
+    configure_malloc()
     machine = describe_machine()
 
     model, input_size, version = build_model(args.arch, args.input_size)
     num_parameters = sum(p.numel() for p in model.parameters())
     explicit = [size for size in settings if size is not None]
     ceiling_seconds = args.ceiling_seconds if args.ceiling_seconds is not None else preset["ceiling_seconds"]
-    meter = CeilingMeter(
-        model, input_size, _powers_of_two(max([*explicit, 32])) | set(explicit), ceiling_seconds
-    )
+    ceiling_sizes = _powers_of_two(max([*explicit, 32])) | set(explicit)
+    runnable = _backend_callable(model, args.backend, input_size)
+    meter = CeilingMeter(runnable, input_size, ceiling_sizes, ceiling_seconds)
     console.print(f"ceiling round: {args.arch or 'default model'} in-process ...", highlight=False)
     meter.round()
 
@@ -89,10 +100,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             continue  # the default turned out to be this size, already measured
         flags = [] if setting is None else ["--batching.max_batch_size", str(setting)]
         flags = (["--arch", args.arch] if args.arch else []) + flags
+        flags += ["--model.backend", args.backend, *args.server_arg]
         server = None if args.target else LaunchedServer(flags)
         if server is not None:
             console.print(f"starting cbam-serve {' '.join(flags)} ...", highlight=False)
-            server.start()
+            server.start()  # inherits this thread's cores: the server's
+        _pin(client_cpus)  # the load generator (and gRPC threads it starts) on the client's cores
         target, metrics_url = (
             (args.target, args.metrics_url) if server is None else (server.target, server.metrics_url)
         )
@@ -116,6 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         finally:
             if server is not None:
                 server.stop()
+            _pin(server_cpus)
         console.print("ceiling round ...", highlight=False)
         meter.round()  # while no server runs
 
@@ -225,7 +239,70 @@ def _parser() -> argparse.ArgumentParser:
         default="tensor",
         help="send uint8 tensors (default) or PNG files",
     )
+    parser.add_argument(
+        "--backend",
+        choices=("eager", "compile", "onnxruntime"),
+        default="eager",
+        help="model.backend of the servers, and what the ceiling runs (default eager)",
+    )
+    parser.add_argument(
+        "--server-cpus",
+        metavar="LIST",
+        help="cores (e.g. 0 or 0-1) for the ceiling and the servers; torch threads follow (default: all)",
+    )
+    parser.add_argument("--client-cpus", metavar="LIST", help="cores for the load generator (default: all)")
+    parser.add_argument(
+        "--server-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="one more cbam-serve argument (repeat it: --server-arg=--batching.max_batch_delay_ms "
+        "--server-arg=0)",
+    )
     return parser
+
+
+def _cpu_set(text: str | None, flag: str) -> set[int] | None:
+    """'0,2-3' -> {0, 2, 3}; None stays None (every core this process may use)."""
+    if not text:
+        return None
+    cpus: set[int] = set()
+    try:
+        for part in text.split(","):
+            low, _, high = part.partition("-")
+            cpus.update(range(int(low), int(high or low) + 1))
+    except ValueError:
+        raise ValueError(f"{flag} should list cores like 0 or 0-1,3, got {text!r}") from None
+    allowed = os.sched_getaffinity(0)
+    if not cpus <= allowed:
+        raise ValueError(f"{flag} {text!r} names cores outside this process's {sorted(allowed)}")
+    return cpus
+
+
+def _pin(cpus: set[int] | None) -> None:
+    """Run this thread, and the threads and processes it starts from now on, on ``cpus``."""
+    if cpus is not None:
+        os.sched_setaffinity(0, cpus)
+
+
+def _backend_callable(model, backend: str, input_size: tuple[int, int]):
+    """What the ceiling times: the module itself, or the server's backend built from it."""
+    if backend == "eager":
+        return model
+    import torch
+
+    from server.backends import create_backend  # the server's own code path, so the ceiling is its
+
+    configure_threads()
+    built = create_backend(
+        backend,
+        lambda: model,
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        input_size=input_size,
+        threads=torch.get_num_threads(),
+    )
+    return lambda x: built.run(x, None)[0]
 
 
 def _int_list(text: str, flag: str) -> list[int]:
