@@ -74,7 +74,7 @@ def test_precedence_cli_over_env_over_file_over_default(env, tmp_path: Path) -> 
     assert s.port == 1003  # CLI over env and file
     assert s.batching.max_batch_size == 3  # env over file
     assert s.batching.max_queue == 5 and s.grace_seconds == 3  # file over default; env did not erase it
-    assert s.batching.max_batch_delay_ms == 2.0  # default
+    assert s.batching.max_batch_delay_ms == 0.0  # default
 
 
 @pytest.mark.parametrize(
