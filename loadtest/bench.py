@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from rich.console import Console
 
-from client import Client
+from client import BatchingInfo, Client
 
 from ._ceiling import CeilingMeter, build_model, configure_threads
 from ._report import UNITS, describe_machine, evaluate_targets, plot, print_targets, results_table
@@ -110,7 +110,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             (args.target, args.metrics_url) if server is None else (server.target, server.metrics_url)
         )
         try:
-            max_batch_size = _check_served(target, args.arch, input_size)
+            batching = _check_served(target, args.arch, input_size)
+            max_batch_size = batching.max_batch_size
             measured.add(max_batch_size)
             label = f"{max_batch_size}" + (" (default)" if setting is None and server is not None else "")
             for c in concurrency:
@@ -124,7 +125,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                     channels=args.channels,
                     metrics_url=metrics_url,
                 )
-                row = {"setting": label, "max_batch_size": max_batch_size, **asyncio.run(load).summary()}
+                row = {
+                    "setting": label,
+                    "max_batch_size": max_batch_size,
+                    "max_batch_delay_ms": batching.max_batch_delay_ms,
+                    **asyncio.run(load).summary(),
+                }
                 rows.append({**row, "load_average_1m": os.getloadavg()[0]})
         finally:
             if server is not None:
@@ -337,8 +343,8 @@ def _png(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _check_served(target: str, arch: str | None, input_size: tuple[int, int]) -> int:
-    """The served max_batch_size, after checking the server serves what the ceiling measured."""
+def _check_served(target: str, arch: str | None, input_size: tuple[int, int]) -> BatchingInfo:
+    """The served batching settings, after checking the server serves what the ceiling measured."""
     with Client(target, timeout=30) as client:
         info = client.model_info()
     if arch is not None and info.arch != arch:
@@ -349,7 +355,7 @@ def _check_served(target: str, arch: str | None, input_size: tuple[int, int]) ->
             f"was measured at {input_size[0]}x{input_size[1]}; cbam-serve has no input-size setting, so "
             "--input-size must be the architecture's own"
         )
-    return info.batching.max_batch_size
+    return info.batching
 
 
 if __name__ == "__main__":

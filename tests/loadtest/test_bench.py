@@ -34,6 +34,7 @@ def check_report(report: dict, settings: set[str], concurrency: list[int]) -> No
             assert math.isfinite(row[name]) and row[name] > 0, (name, row)
         assert row["p50"] <= row["p95"] <= row["p99"]
         assert 1 <= row["mean_batch_size"] <= row["max_batch_size"]
+        assert row["max_batch_delay_ms"] >= 0
     for setting in settings:
         assert [r["concurrency"] for r in report["results"] if r["setting"] == setting] == concurrency
     assert set(report["targets"]) == {
