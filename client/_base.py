@@ -7,8 +7,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import grpc
-from cbam.v1 import inference_pb2, inference_pb2_grpc
 from grpc_health.v1 import health_pb2_grpc
+
+from cbam.v1 import inference_pb2, inference_pb2_grpc
 
 from ._channel import DEFAULT_TARGET, ChannelSettings, TlsConfig, build_target
 from ._errors import CbamError, InvalidArgumentError, error_from_code

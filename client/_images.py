@@ -6,8 +6,9 @@ import os
 from pathlib import Path
 
 import numpy as np
-from cbam.v1 import inference_pb2
 from PIL import Image
+
+from cbam.v1 import inference_pb2
 
 __all__ = ["ImageInput", "set_image"]
 

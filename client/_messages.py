@@ -7,8 +7,9 @@ from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
-from cbam.v1 import inference_pb2
 from PIL import Image
+
+from cbam.v1 import inference_pb2
 
 from ._images import ImageInput, set_image
 from ._types import BatchingInfo, LabelScore, ModelInfo, Prediction, Timings

@@ -7,8 +7,9 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 
 import grpc
-from cbam.v1 import inference_pb2
 from grpc_health.v1 import health_pb2
+
+from cbam.v1 import inference_pb2
 
 from ._base import ClientBase, RequestOptions, StreamState, remaining
 from ._errors import CbamError, error_from_rpc

@@ -12,8 +12,8 @@ from concurrent import futures
 
 import grpc
 import pytest
-from cbam.v1 import inference_pb2, inference_pb2_grpc
 
+from cbam.v1 import inference_pb2, inference_pb2_grpc
 from tests.support import ServerProcess
 
 

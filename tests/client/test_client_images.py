@@ -2,9 +2,9 @@ import io
 
 import numpy as np
 import pytest
-from cbam.v1 import inference_pb2
 from PIL import Image
 
+from cbam.v1 import inference_pb2
 from client._images import set_image
 
 
