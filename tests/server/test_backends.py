@@ -16,7 +16,7 @@ from server.backends import EagerBackend
 from server.config import ModelSettings
 from server.errors import StartupError
 from server.preprocess import ImageSpec, decode_image, load_pixels, preprocess
-from server.runner import BatchItem, ModelRunner, batch_buckets, bucket_for
+from server.runner import BatchItem, ModelRunner, batch_buckets, bucket_for, split_into_buckets
 
 TOLERANCE = {"rtol": 1e-4, "atol": 1e-5}
 
@@ -102,24 +102,35 @@ def _png(pixels: torch.Tensor) -> bytes:
     return buffer.getvalue()
 
 
-def test_padding_to_a_bucket_changes_no_result(eager: ModelRunner, monkeypatch) -> None:
+@pytest.mark.parametrize(
+    ("pad", "with_maps", "shapes"), [(True, True, [4]), (True, False, [4]), (False, False, [2, 1])]
+)
+def test_bucket_sized_batches_change_no_result(
+    eager: ModelRunner, monkeypatch, pad, with_maps, shapes
+) -> None:
+    # Padded up to the bucket (as on CUDA) or split into buckets (as on the CPU): the same answers.
     assert batch_buckets(8) == [1, 2, 4, 8] and batch_buckets(12) == [1, 2, 4, 8, 12]
     assert [bucket_for(n, [1, 2, 4, 8]) for n in (1, 3, 5, 8, 9)] == [1, 4, 8, 8, 9]
-    items = _mixed_batch(eager)
+    assert split_into_buckets(17, [1, 2, 4, 8, 16]) == [16, 1] and split_into_buckets(7, [1, 2, 4]) == [
+        4,
+        2,
+        1,
+    ]
+    items = _mixed_batch(eager) if with_maps else [BatchItem(p) for p in _pixels(3, eager)]
     unpadded = eager.run_batch(items)
     seen: list[int] = []
 
-    class Padded(EagerBackend):
+    class Static(EagerBackend):
         static_batch = True
 
         def run(self, x, blocks):
             seen.append(x.shape[0])
             return super().run(x, blocks)
 
-    monkeypatch.setattr(eager, "_backend", Padded(lambda: eager.model))
-    padded = eager.run_batch(items)
-    assert seen == [4]  # 3 requests ran as a batch of 4
-    _assert_same(padded, unpadded)
+    monkeypatch.setattr(eager, "_backend", Static(lambda: eager.model))
+    monkeypatch.setattr(eager, "pad_to_buckets", pad)
+    _assert_same(eager.run_batch(items), unpadded)
+    assert seen == shapes
 
 
 def test_maps_reach_the_host_only_for_the_requests_that_asked(eager: ModelRunner) -> None:
