@@ -82,6 +82,7 @@ class InferenceServer:
             "version": d.version,
             "device": d.device,
             "dtype": d.dtype,
+            "backend": d.backend,
             "max_batch_size": self.settings.batching.max_batch_size,
             "torch_threads": torch.get_num_threads(),
             "torch_interop_threads": torch.get_num_interop_threads(),
