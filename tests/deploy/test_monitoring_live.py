@@ -15,8 +15,9 @@ from dataclasses import dataclass
 import grpc
 import pytest
 import yaml
-from cbam.v1 import inference_pb2, inference_pb2_grpc
 from deploy_support import REPO, exported_sample_names, free_port, http_get_json, promql_names, wait_for
+
+from cbam.v1 import inference_pb2, inference_pb2_grpc
 
 pytestmark = pytest.mark.slow
 

@@ -7,8 +7,8 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
-from cbam.v1 import inference_pb2_grpc
 
+from cbam.v1 import inference_pb2_grpc
 from models import SAMPLES_DIR
 from tests.support import ServerProcess
 

@@ -9,11 +9,11 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from cbam.v1 import inference_pb2 as pb
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
+from cbam.v1 import inference_pb2 as pb
 from models import DEFAULT_CHECKPOINT, load_checkpoint
 from server.preprocess import ImageSpec, preprocess
 

@@ -13,10 +13,10 @@ import urllib.request
 import grpc
 import pytest
 import torch
-from cbam.v1 import inference_pb2 as pb
-from cbam.v1 import inference_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from cbam.v1 import inference_pb2 as pb
+from cbam.v1 import inference_pb2_grpc
 from tests.support import ROOT, ServerProcess, server_env
 
 

@@ -6,10 +6,10 @@ import urllib.request
 
 import grpc
 import pytest
-from cbam.v1 import inference_pb2 as pb
-from cbam.v1 import inference_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
+from cbam.v1 import inference_pb2 as pb
+from cbam.v1 import inference_pb2_grpc
 from tests.support import ServerProcess
 
 

@@ -9,9 +9,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import grpc
 import numpy as np
 import pytest
-from cbam.v1 import inference_pb2_grpc
 from PIL import Image
 
+from cbam.v1 import inference_pb2_grpc
 from server.app import InferenceServer, build_server
 from server.config import load_settings
 from server.runner import ModelRunner

@@ -9,10 +9,10 @@ import time
 import grpc
 import numpy as np
 import pytest
-from cbam.v1 import inference_pb2 as pb
-from cbam.v1 import inference_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from cbam.v1 import inference_pb2 as pb
+from cbam.v1 import inference_pb2_grpc
 from server.runner import ModelRunner
 from tests.server.conftest import eventually, png, sample
 
