@@ -21,7 +21,7 @@ from deploy_support import free_port, nginx_renderer, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
 from client import Client, RetryPolicy
-from tests.loadtest.locust_run import locust, start, stats
+from tests.loadtest.locust_run import run_distributed, stats
 from tests.support import ServerProcess
 
 pytestmark = pytest.mark.slow
@@ -102,28 +102,9 @@ def test_calls_are_spread_over_both_replicas(balancer, replicas, sample_png):
 def test_distributed_locust_through_the_balancer_reaches_both_replicas(balancer, replicas, tmp_path):
     """Issue 7 §4: one Locust master and two workers against the balanced endpoint."""
     before = [_classify_ok(r) for r in replicas]
-    port = str(free_port())
     run = ["--headless", "-u", "4", "-r", "4", "-t", "4s", "--only-summary", "--stop-timeout", "5"]
-    master = start(
-        locust(
-            *run, "--master", "--master-bind-host", "127.0.0.1", "--master-bind-port", port,
-            "--expect-workers", "2", "--expect-workers-max-wait", "60",
-            "--host", balancer.address, "--csv", str(tmp_path / "dist"),
-        ),
-        tmp_path / "master.log",
-    )  # fmt: skip
-    worker = locust("--worker", "--master-host", "127.0.0.1", "--master-port", port)
-    workers = [start(worker, tmp_path / f"worker{i}.log") for i in range(2)]
-    try:
-        assert master.wait(timeout=120) == 0, (tmp_path / "master.log").read_text()
-        for process in workers:
-            assert process.wait(timeout=30) == 0
-    finally:
-        for process in (master, *workers):
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-    assert "2 workers connected" in (tmp_path / "master.log").read_text()
+    log = run_distributed(balancer.address, tmp_path, *run)
+    assert "2 workers connected" in log
     rows = stats(tmp_path / "dist")
     sent = int(rows["Classify"]["Request Count"])
     assert sent > 0 and int(rows["Aggregated"]["Failure Count"]) == 0

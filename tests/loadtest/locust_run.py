@@ -43,3 +43,29 @@ def stats(csv_prefix: Path) -> dict[str, dict[str, str]]:
         return {row["Name"]: row for row in csv.DictReader(handle)}
 
 
+
+
+def run_distributed(host: str, tmp_path: Path, *args: str, workers: int = 2) -> str:
+    """Run Locust headless as a master with `workers` workers against `host`, writing CSV statistics
+    to tmp_path/"dist"; returns the master's log once every process exited 0 (all are killed on failure)."""
+    port = str(free_port())
+    master = start(
+        locust(
+            *args, "--master", "--master-bind-host", "127.0.0.1", "--master-bind-port", port,
+            "--expect-workers", str(workers), "--expect-workers-max-wait", "60",
+            "--host", host, "--csv", str(tmp_path / "dist"),
+        ),
+        tmp_path / "master.log",
+    )  # fmt: skip
+    worker = locust("--worker", "--master-host", "127.0.0.1", "--master-port", port)
+    started = [start(worker, tmp_path / f"worker{i}.log") for i in range(workers)]
+    try:
+        assert master.wait(timeout=120) == 0, (tmp_path / "master.log").read_text()
+        for process in started:
+            assert process.wait(timeout=30) == 0
+    finally:
+        for process in (master, *started):
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    return (tmp_path / "master.log").read_text()

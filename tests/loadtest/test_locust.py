@@ -2,7 +2,7 @@
 
 import subprocess
 
-from locust_run import free_port, locust, run_env, start, stats
+from locust_run import free_port, locust, run_distributed, run_env, stats
 
 from tests.support import ROOT
 
@@ -34,27 +34,7 @@ def test_failures_are_reported_as_failures(tmp_path):
 
 
 def test_distributed_master_and_two_workers(live, tmp_path):
-    port = str(free_port())
-    master = start(
-        locust(
-            *RUN, "--master", "--master-bind-host", "127.0.0.1", "--master-bind-port", port,
-            "--expect-workers", "2", "--expect-workers-max-wait", "60",
-            "--host", live.address, "--csv", str(tmp_path / "dist"), "--cbam-stream-share", "0.5",
-        ),
-        tmp_path / "master.log",
-    )  # fmt: skip
-    worker = locust("--worker", "--master-host", "127.0.0.1", "--master-port", port)
-    workers = [start(worker, tmp_path / f"worker{i}.log") for i in range(2)]
-    try:
-        assert master.wait(timeout=120) == 0, (tmp_path / "master.log").read_text()
-        for worker in workers:
-            assert worker.wait(timeout=30) == 0
-    finally:
-        for process in (master, *workers):
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-    log = (tmp_path / "master.log").read_text()
+    log = run_distributed(live.address, tmp_path, *RUN, "--cbam-stream-share", "0.5")
     assert "2 workers connected" in log and "to 2 ready workers" in log
     rows = stats(tmp_path / "dist")
     assert int(rows["Classify"]["Request Count"]) > 0
