@@ -22,6 +22,7 @@ __all__ = [
     "LabelScore",
     "encode_attention",
     "top_k",
+    "top_k_rows",
 ]
 
 
@@ -79,11 +80,20 @@ class EncodedMap:
 
 def top_k(logits: torch.Tensor, labels: Sequence[str], k: int) -> list[LabelScore]:
     """Softmax over one row of logits and the ``k`` most probable labels, most probable first."""
+    return top_k_rows(logits[None], labels, [k])[0]
+
+
+def top_k_rows(logits: torch.Tensor, labels: Sequence[str], ks: Sequence[int]) -> list[list[LabelScore]]:
+    """``top_k`` for every row of a B x classes batch at once, row i keeping its ``ks[i]`` best.
+
+    One softmax and one topk for the whole batch: per row, two torch calls cost more than the
+    rest of a small request's postprocessing together.
+    """
     probabilities = torch.softmax(logits.float(), dim=-1)
-    values, indices = torch.topk(probabilities, k)
+    values, indices = torch.topk(probabilities, max(ks))
     return [
-        LabelScore(index=int(i), name=labels[int(i)], probability=float(p))
-        for p, i in zip(values.tolist(), indices.tolist(), strict=True)
+        [LabelScore(index=i, name=labels[i], probability=p) for p, i in zip(ps[:k], ix[:k], strict=True)]
+        for ps, ix, k in zip(values.tolist(), indices.tolist(), ks, strict=True)
     ]
 
 

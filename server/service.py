@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
@@ -152,6 +152,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         self._active = 0  # calls and stream items taken and not yet answered
         self._last_arrival = 0.0
         self._streams: set[_Stream] = set()
+        self._counted: dict[tuple[str, grpc.StatusCode], tuple] = {}  # (method, code) -> metric children
 
     @property
     def draining(self) -> bool:
@@ -258,7 +259,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     def _request_id(self, request: pb.ClassifyRequest) -> str:
         # Made up once per request message and remembered on it, so an error response carries it too.
         if not request.request_id:
-            request.request_id = uuid.uuid4().hex
+            request.request_id = os.urandom(16).hex()  # as random as uuid4().hex, a fifth of the cost
         return request.request_id
 
     async def _classify_one(
@@ -298,11 +299,21 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         self, method: str, code: grpc.StatusCode, started: float, request_id: str, message: str
     ) -> None:
         seconds = time.monotonic() - started
-        name = code.name
-        self._metrics.requests.labels(method, name).inc()
-        self._metrics.images.labels(method, name).inc()
-        self._metrics.request_seconds.labels(method, name).observe(seconds)
-        fields = {"request_id": request_id, "method": method, "code": name, "seconds": round(seconds, 6)}
+        counted = self._counted.get((method, code))
+        if counted is None:  # looking a labelled child up costs a lock and a dict per metric: once
+            name = code.name
+            counted = self._counted[(method, code)] = (
+                self._metrics.requests.labels(method, name),
+                self._metrics.images.labels(method, name),
+                self._metrics.request_seconds.labels(method, name),
+            )
+        requests, images, request_seconds = counted
+        requests.inc()
+        images.inc()
+        request_seconds.observe(seconds)
+        if code is grpc.StatusCode.OK and not _log.isEnabledFor(logging.DEBUG):
+            return
+        fields = {"request_id": request_id, "method": method, "code": code.name, "seconds": round(seconds, 6)}
         if code is grpc.StatusCode.OK:
             _log.debug("request", extra={"fields": fields})
         else:
@@ -316,6 +327,8 @@ class ParseRequests(grpc.aio.ServerInterceptor):
 
     def __init__(self, service: str) -> None:
         self._prefix = f"/{service}/"
+        # method -> (its handler, wrapped): wrapped once, not on every call (bounded: our methods).
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(
         self,
@@ -326,7 +339,10 @@ class ParseRequests(grpc.aio.ServerInterceptor):
         ours = details.method.startswith(self._prefix)
         if handler is None or handler.request_deserializer is None or not ours:
             return handler
-        return _parsing(handler)
+        wrapped = self._wrapped.get(details.method)
+        if wrapped is None or wrapped[0] is not handler:
+            wrapped = self._wrapped[details.method] = (handler, _parsing(handler))
+        return wrapped[1]
 
 
 def _parsing(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:

@@ -9,7 +9,14 @@ import pytest
 import torch
 from PIL import Image
 
-from server.postprocess import AttentionFormat, AttentionKind, AttentionQuery, encode_attention, top_k
+from server.postprocess import (
+    AttentionFormat,
+    AttentionKind,
+    AttentionQuery,
+    encode_attention,
+    top_k,
+    top_k_rows,
+)
 
 LABELS = ["zero", "one", "two", "three"]
 
@@ -22,6 +29,17 @@ def test_top_k_is_sorted_softmax() -> None:
     expected = torch.softmax(logits, 0)
     assert scores[0].probability == pytest.approx(float(expected[1]))
     assert sum(s.probability for s in top_k(logits, LABELS, 4)) == pytest.approx(1.0)
+
+
+def test_top_k_rows_gives_each_row_its_own_k() -> None:
+    """The batch form (one softmax and topk for the batch) equals top_k row by row."""
+    logits = torch.randn(5, 4, generator=torch.Generator().manual_seed(0))
+    ks = [1, 4, 2, 3, 1]
+    rows = top_k_rows(logits, LABELS, ks)
+    assert [len(r) for r in rows] == ks
+    for row, k, got in zip(logits, ks, rows, strict=True):
+        assert got == top_k(row, LABELS, k)
+        assert [s.index for s in got] == torch.argsort(row, descending=True)[:k].tolist()
 
 
 def _maps() -> dict[str, dict[str, torch.Tensor | None]]:

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from server.errors import InvalidInput, TooLarge
-from server.preprocess import ImageSpec, RawTensor, decode_image, preprocess, tensor_from_raw
+from server.preprocess import ImageSpec, RawTensor, decode_image, load_pixels, preprocess, tensor_from_raw
 
 SPEC = ImageSpec(input_size=(24, 32), mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3), max_pixels=10_000)
 
@@ -186,3 +186,21 @@ def test_float_values_outside_0_1_are_invalid(bad: float) -> None:
     x[2, 1, 1] = bad
     with pytest.raises(InvalidInput, match="must lie in 0..1"):
         preprocess(RawTensor("float32", x.shape, x.tobytes()), SPEC)
+
+
+def test_a_uint8_tensor_at_the_input_size_skips_decoding_but_not_the_checks() -> None:
+    """The served fast path: pixels already at the input size come back as they are, as a writable copy,
+    equal to what the general path makes of them; a short one is still refused, naming the field."""
+    pixels = picture(32, 24)
+    raw = RawTensor("uint8", (24, 32, 3), pixels.tobytes())
+    fast = load_pixels(raw, SPEC)
+    assert fast.dtype == torch.uint8 and fast.shape == (24, 32, 3)
+    assert torch.equal(fast, torch.from_numpy(pixels))
+    fast[0, 0, 0] = 7  # writable, and not the request's bytes
+    assert raw.data == pixels.tobytes()
+    padded = RawTensor("uint8", (24, 32, 4), np.dstack([pixels, np.full((24, 32), 255, np.uint8)]).tobytes())
+    assert torch.equal(load_pixels(padded, SPEC), torch.from_numpy(pixels))  # the general path agrees
+    with pytest.raises(InvalidInput, match="image.tensor.data: 2303 bytes"):
+        load_pixels(RawTensor("uint8", (24, 32, 3), bytes(2303)), SPEC)
+    with pytest.raises(TooLarge, match="over the limit"):
+        load_pixels(raw, ImageSpec(SPEC.input_size, SPEC.mean, SPEC.std, max_pixels=100))
