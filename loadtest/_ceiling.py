@@ -18,7 +18,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-__all__ = ["Ceiling", "CeilingMeter", "build_model", "configure_threads", "measure_ceiling"]
+__all__ = [
+    "Ceiling",
+    "CeilingMeter",
+    "backend_callable",
+    "build_model",
+    "configure_threads",
+    "measure_ceiling",
+]
 
 
 def usable_cores() -> int:
@@ -167,3 +174,23 @@ def measure_ceiling(
     for _ in range(rounds):
         meter.round()
     return meter.result()
+
+
+def backend_callable(model, backend: str, input_size: tuple[int, int]):
+    """What the ceiling times: the module itself, or the server's backend built from it."""
+    if backend == "eager":
+        return model
+    import torch
+
+    from server.backends import create_backend  # the server's own code path, so the ceiling is its
+
+    configure_threads()
+    built = create_backend(
+        backend,
+        lambda: model,
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        input_size=input_size,
+        threads=torch.get_num_threads(),
+    )
+    return lambda x: built.run(x, None)[0]

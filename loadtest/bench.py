@@ -1,6 +1,7 @@
 """cbam-bench: served throughput and latency of cbam-serve against the in-process ceiling, on this machine.
 
     cbam-bench [--quick] [--json OUT] [--plot OUT.png] [--target HOST:PORT] [--arch NAME --input-size N]
+    cbam-bench --cbam-cost [--backend B] [--cost-batch-sizes 1,8,32] [--json OUT]
 
 1. The ceiling: the same model, loaded in this process, timed doing nothing but forward passes at batch
    sizes 1, 2, 4, ... (the server's thread settings, torch.inference_mode).
@@ -12,6 +13,9 @@
 Reported per setting and concurrency: throughput (images/s), p50/p95/p99 latency (ms), mean batch size
 (from the server's cbam_batch_size histogram), errors, and efficiency = throughput / ceiling throughput at
 that mean batch size. The load generator runs on the same cores as the server, which it slows down.
+
+--cbam-cost measures something else: cbam_resnet50's forward against plain resnet50's, interleaved in
+this process, at batch 1 and the best batch (loadtest/_cost.py); nothing is served.
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ from rich.console import Console
 
 from client import BatchingInfo, Client
 
-from ._ceiling import CeilingMeter, build_model, configure_threads
+from ._ceiling import CeilingMeter, backend_callable, build_model
+from ._cost import cost_table, measure_cbam_cost
 from ._report import UNITS, describe_machine, evaluate_targets, plot, print_targets, results_table
 from ._served import LaunchedServer, drive_load
 
@@ -58,6 +63,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     preset = QUICK if args.quick else FULL
     if args.quick and args.arch:
         parser.error("--quick benchmarks the default model only; drop --quick to benchmark --arch")
+    if args.cbam_cost and (args.quick or args.target or args.arch):
+        parser.error("--cbam-cost times cbam_resnet50 against resnet50 in this process; drop --quick, "
+                     "--target and --arch")  # fmt: skip
     try:
         concurrency = _int_list(args.concurrency or preset["concurrency"], "--concurrency")
         settings = _settings(args.batch_sizes or preset["batch_sizes"])
@@ -80,13 +88,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     configure_malloc()
     machine = describe_machine()
+    if args.cbam_cost:
+        return _cbam_cost(args, machine, console)
 
     model, input_size, version = build_model(args.arch, args.input_size)
     num_parameters = sum(p.numel() for p in model.parameters())
     explicit = [size for size in settings if size is not None]
     ceiling_seconds = args.ceiling_seconds if args.ceiling_seconds is not None else preset["ceiling_seconds"]
     ceiling_sizes = _powers_of_two(max([*explicit, 32])) | set(explicit)
-    runnable = _backend_callable(model, args.backend, input_size)
+    runnable = backend_callable(model, args.backend, input_size)
     meter = CeilingMeter(runnable, input_size, ceiling_sizes, ceiling_seconds)
     console.print(f"ceiling round: {args.arch or 'default model'} in-process ...", highlight=False)
     meter.round()
@@ -182,6 +192,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 1 if any(row["errors"] for row in rows) else 0
 
 
+def _cbam_cost(args: argparse.Namespace, machine: dict, console: Console) -> int:
+    """--cbam-cost: cbam_resnet50 against resnet50 in this process, nothing served."""
+    try:
+        sizes = _int_list(args.cost_batch_sizes, "--cost-batch-sizes")
+    except ValueError as exc:
+        raise SystemExit(f"cbam-bench: {exc}") from None
+    cost = measure_cbam_cost(
+        args.backend,
+        sizes,
+        rounds=args.cost_rounds,
+        progress=lambda step: console.print(f"CBAM's cost, {args.backend}: {step} ...", highlight=False),
+    )
+    Console(width=max(Console().width, 100)).print(cost_table(cost))
+    verdict = {True: "met", False: "not met", None: "not measured (needs batch size 1)"}[cost["met"]]
+    console.print(f"{cost['target']}: {verdict}", highlight=False)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        machine["load_average_1m_at_end"] = os.getloadavg()[0]
+        args.json.write_text(json.dumps({"machine": machine, "cbam_cost": cost}, indent=2) + "\n")
+        console.print(f"wrote {args.json}", highlight=False)
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cbam-bench",
@@ -258,6 +291,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--client-cpus", metavar="LIST", help="cores for the load generator (default: all)")
     parser.add_argument(
+        "--cbam-cost",
+        action="store_true",
+        help="instead: time cbam_resnet50 against resnet50 (224x224, --backend), interleaved in this "
+        "process, and judge CBAM's cost (forward <= 1.10x at batch 1 and at the best batch)",
+    )
+    parser.add_argument(
+        "--cost-batch-sizes", default="1,8,32", metavar="LIST", help="with --cbam-cost (default 1,8,32)"
+    )
+    parser.add_argument(
+        "--cost-rounds", type=int, default=5, metavar="N", help="with --cbam-cost: A/B rounds (default 5)"
+    )
+    parser.add_argument(
         "--server-arg",
         action="append",
         default=[],
@@ -289,26 +334,6 @@ def _pin(cpus: set[int] | None) -> None:
     """Run this thread, and the threads and processes it starts from now on, on ``cpus``."""
     if cpus is not None:
         os.sched_setaffinity(0, cpus)
-
-
-def _backend_callable(model, backend: str, input_size: tuple[int, int]):
-    """What the ceiling times: the module itself, or the server's backend built from it."""
-    if backend == "eager":
-        return model
-    import torch
-
-    from server.backends import create_backend  # the server's own code path, so the ceiling is its
-
-    configure_threads()
-    built = create_backend(
-        backend,
-        lambda: model,
-        device=torch.device("cpu"),
-        dtype=torch.float32,
-        input_size=input_size,
-        threads=torch.get_num_threads(),
-    )
-    return lambda x: built.run(x, None)[0]
 
 
 def _int_list(text: str, flag: str) -> list[int]:

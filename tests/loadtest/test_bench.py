@@ -85,12 +85,30 @@ def test_an_architecture_by_name(tmp_path):
         ["--concurrency", "0"],
         ["--batch-sizes", "x"],
         ["--payload", "gif"],
+        ["--cbam-cost", "--quick"],
+        ["--cbam-cost", "--arch", "cbam_resnet50"],
     ],
 )
 def test_usage_errors_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as exited:
         main(argv)
     assert exited.value.code == 2
+
+
+def test_cbam_cost_times_both_models_and_judges_the_target(tmp_path):
+    out = tmp_path / "cost.json"
+    done = bench("--cbam-cost", "--cost-batch-sizes", "1,2", "--cost-rounds", "2", "--json", str(out))
+    assert done.returncode == 0, done.stderr
+    cost = json.loads(out.read_text())["cbam_cost"]
+    assert cost["backend"] == "eager" and cost["input_size"] == [224, 224] and cost["rounds"] == 2
+    assert set(cost["by_batch_size"]) == {"1", "2"} and cost["best_batch_size"] in (1, 2)
+    for figures in cost["by_batch_size"].values():
+        assert figures["cbam_resnet50_ms"] > 0 and figures["resnet50_ms"] > 0
+        assert len(figures["round_ratios"]) == 2
+        # CBAM adds work: on any machine it is neither free nor several times the plain network.
+        assert 0.8 < figures["ratio"] < 3
+    assert isinstance(cost["met"], bool)
+    assert "ratio" in done.stdout and "resnet50" in done.stdout  # the table
 
 
 def test_batch_size_settings():
