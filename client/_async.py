@@ -11,7 +11,7 @@ from grpc_health.v1 import health_pb2
 
 from cbam.v1 import inference_pb2
 
-from ._base import ClientBase, RequestOptions, StreamState, remaining
+from ._base import BatchCall, ClientBase, RequestOptions, StreamState, remaining
 from ._errors import CbamError, UnavailableError, error_from_rpc
 from ._images import ImageInput
 from ._messages import AttentionArg, FormatArg, to_model_info, to_prediction
@@ -145,6 +145,27 @@ class AsyncClient(ClientBase):
         finally:
             await stream.aclose()
         return [results[index] for index in sorted(results)]
+
+    async def classify_batch(
+        self,
+        images: Sequence[ImageInput],
+        *,
+        top_k: int = 0,
+        attention: AttentionArg | None = None,
+        attention_blocks: Sequence[str] | None = None,
+        attention_format: FormatArg = "float16",
+        return_exceptions: bool = False,
+        timeout: float | None = None,
+    ) -> list[Prediction | CbamError]:
+        """Classify several images in one ClassifyBatch call; see Client.classify_batch."""
+        options = RequestOptions(top_k, attention, attention_blocks, attention_format)
+        images = list(images)
+        if any(isinstance(image, (str, os.PathLike)) for image in images):
+            call = await asyncio.to_thread(BatchCall, options, images)  # file reads off the loop
+        else:
+            call = BatchCall(options, images)
+        response = await self._unary(self._stub.ClassifyBatch, call.request, timeout) if call.sent else None
+        return call.results(response, return_exceptions)
 
     async def model_info(self, *, timeout: float | None = None) -> ModelInfo:
         """What the server is serving; see Client.model_info."""

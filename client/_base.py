@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -16,9 +16,9 @@ from ._errors import CbamError, InvalidArgumentError, error_from_code
 from ._images import ImageInput
 from ._messages import AttentionArg, FormatArg, build_request, to_prediction
 from ._retry import RetryPolicy
-from ._types import StreamResult
+from ._types import Prediction, StreamResult
 
-__all__ = ["ClientBase", "RequestOptions", "StreamState"]
+__all__ = ["BatchCall", "ClientBase", "RequestOptions", "StreamState"]
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,45 @@ class RequestOptions:
             attention_blocks=self.attention_blocks,
             attention_format=self.attention_format,
         )
+
+
+class BatchCall:
+    """One classify_batch: the ClassifyBatch request for the inputs the client could read, and the
+    answers put back in input order (an input it could not read fails alone, as on a stream)."""
+
+    def __init__(self, options: RequestOptions, images: Iterable[ImageInput]) -> None:
+        images = list(images)
+        self.total = len(images)
+        self.request = inference_pb2.ClassifyBatchRequest()
+        self.sent: list[int] = []  # the input index of each item
+        self.outcomes: dict[int, Prediction | CbamError] = {}
+        for index, image in enumerate(images):
+            try:
+                self.request.items.append(options.build(image, request_id=str(index)))
+            except (OSError, ValueError, TypeError) as exc:
+                self.outcomes[index] = InvalidArgumentError(
+                    grpc.StatusCode.INVALID_ARGUMENT, f"input {index}: {exc}"
+                )
+                continue
+            self.sent.append(index)
+
+    def results(
+        self, response: inference_pb2.ClassifyBatchResponse | None, return_exceptions: bool
+    ) -> list[Prediction | CbamError]:
+        answers = response.results if response is not None else []
+        if len(answers) != len(self.sent):
+            raise ValueError(f"the server answered {len(answers)} of {len(self.sent)} images")
+        for index, answer in zip(self.sent, answers, strict=True):
+            if answer.WhichOneof("outcome") == "error":
+                self.outcomes[index] = error_from_code(answer.error.code, answer.error.message)
+            else:
+                self.outcomes[index] = to_prediction(answer.response)
+        ordered = [self.outcomes[index] for index in range(self.total)]
+        if not return_exceptions:
+            for outcome in ordered:
+                if isinstance(outcome, CbamError):
+                    raise outcome
+        return ordered
 
 
 class ClientBase:

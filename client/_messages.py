@@ -125,4 +125,5 @@ def to_model_info(message: inference_pb2.ModelInfo) -> ModelInfo:
         num_parameters=message.num_parameters,
         max_image_pixels=message.max_image_pixels,
         max_message_bytes=message.max_message_bytes,
+        max_batch_items=message.max_batch_items,
     )

@@ -98,3 +98,4 @@ class ModelInfo:
     num_parameters: int
     max_image_pixels: int
     max_message_bytes: int
+    max_batch_items: int = 0  # most images in one classify_batch call (0: a server from before it)

@@ -149,7 +149,9 @@ def build_server(settings: Settings, *, runner: ModelRunner | None = None) -> tu
         maximum_concurrent_rpcs=limits.max_concurrent_rpcs,
         interceptors=_interceptors(settings, metrics),
     )
-    servicer = InferenceServicer(pipeline, _model_info(d, settings), metrics, limits.max_stream_inflight)
+    servicer = InferenceServicer(
+        pipeline, _model_info(d, settings), metrics, limits.max_stream_inflight, limits.max_batch_items
+    )
     inference_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -203,6 +205,7 @@ def _model_info(d: ModelDescription, settings: Settings) -> pb.ModelInfo:
         num_parameters=d.num_parameters,
         max_image_pixels=settings.limits.max_image_pixels,
         max_message_bytes=settings.limits.max_message_bytes,
+        max_batch_items=settings.limits.max_batch_items,
     )
 
 

@@ -98,24 +98,38 @@ class DynamicBatcher(Generic[In, Out]):
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._serve_batches(), name="batcher")
 
-    def check_room(self) -> None:
-        """Raise Overloaded (or ShuttingDown) now if an item submitted now would be refused."""
+    def check_room(self, items: int = 1) -> None:
+        """Raise Overloaded (or ShuttingDown) now if ``items`` submitted now would be refused."""
         if self._closing:
             raise ShuttingDown("the server is shutting down")
-        if len(self._queue) >= self.max_queue:
+        if len(self._queue) + items > self.max_queue:
             self._prune()
-            if len(self._queue) >= self.max_queue:
-                self._metrics.dropped.labels("overloaded").inc()
-                raise Overloaded(f"batch queue is full: {self.max_queue} requests already waiting")
+            if len(self._queue) + items > self.max_queue:
+                self._metrics.dropped.labels("overloaded").inc(items)
+                if items == 1:
+                    raise Overloaded(f"batch queue is full: {self.max_queue} requests already waiting")
+                raise Overloaded(
+                    f"batch queue has room for {self.max_queue - len(self._queue)} of these {items} images "
+                    f"({len(self._queue)} of {self.max_queue} places taken); none was queued"
+                )
 
     async def submit(self, item: In, deadline: float | None = None) -> Batched[Out]:
         """Queue one item and wait for its result. Never blocks on a full queue: raises Overloaded."""
-        self.check_room()
-        pending: _Pending[In, Out] = _Pending(item, deadline, asyncio.get_running_loop().create_future())
-        self._queue.append(pending)
+        return await self.submit_many([item], deadline)[0]
+
+    def submit_many(
+        self, items: list[In], deadline: float | None = None
+    ) -> list[asyncio.Future[Batched[Out]]]:
+        """Queue ``items`` together (all or, raising Overloaded, none) and return their futures, in order.
+
+        Each item is batched as if it came alone; cancelling a future drops its item."""
+        self.check_room(len(items))
+        loop = asyncio.get_running_loop()
+        pendings = [_Pending(item, deadline, loop.create_future()) for item in items]
+        self._queue.extend(pendings)
         self._metrics.queue_depth.set(len(self._queue))
         self._arrived.set()
-        return await pending.future
+        return [pending.future for pending in pendings]
 
     async def close(self) -> None:
         """Refuse new items, run the ones already queued, then stop."""

@@ -118,6 +118,9 @@ class Limits(_Group):
     max_stream_inflight: int = Field(
         64, ge=1, description="Most items of one ClassifyStream call being handled at once."
     )
+    max_batch_items: int = Field(
+        256, ge=1, description="Most images in one ClassifyBatch call (INVALID_ARGUMENT above)."
+    )
     max_concurrent_streams: int = Field(
         256, ge=1, description="Most concurrent HTTP/2 streams (calls) on one connection."
     )

@@ -41,7 +41,8 @@ class ServerMetrics:
             ["method", "code"], buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         self.requests = Counter(
-            "cbam_requests_total", "Requests (stream items count one each) by final gRPC status code name.",
+            "cbam_requests_total",
+            "Requests (stream items one each, a ClassifyBatch call once) by final gRPC status code name.",
             ["method", "code"], registry=r,
         )  # fmt: skip
         self.images = Counter(

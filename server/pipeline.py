@@ -8,6 +8,9 @@
                      then every row's top-k in one softmax/topk
       postprocess    only the maps this request asked for            stage="postprocess"
 
+    classify_many(queries) does the same for the images of one ClassifyBatch call: checks and
+    preprocessing per image (a bad one fails alone), queued together, answered in order.
+
 Plain Python types in and out; gRPC is service.py's business.
 """
 
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -22,7 +26,7 @@ import torch
 
 from server.batcher import Batched, DynamicBatcher
 from server.config import Settings, usable_cores
-from server.errors import InvalidInput
+from server.errors import CbamError, InvalidInput
 from server.metrics import ServerMetrics
 from server.postprocess import AttentionQuery, EncodedMap, LabelScore, encode_attention, top_k_rows
 from server.preprocess import ImageSpec, RawTensor, load_pixels
@@ -111,40 +115,111 @@ class InferencePipeline:
         k = self._top_k(query.top_k)
         blocks = self._blocks_for(query.attention)
         self.batcher.check_room()  # refuse now rather than after decoding an image we cannot queue
-        loop = asyncio.get_running_loop()
-
         started = time.monotonic()
         with self._preprocess_stage.time():
             if self._is_ready_pixels(query.image):
                 # Already decoded and sized: a check and a copy, cheaper than a trip to a thread.
                 tensor = load_pixels(query.image, self._spec)
             else:
-                tensor = await loop.run_in_executor(
+                tensor = await asyncio.get_running_loop().run_in_executor(
                     self._preprocess_pool, load_pixels, query.image, self._spec
                 )
         preprocess_seconds = time.monotonic() - started
+        batched = await self.batcher.submit((BatchItem(tensor, blocks), k), deadline)
+        return await self._finish(query, batched, preprocess_seconds)
 
-        batched: Batched[_Done] = await self.batcher.submit((BatchItem(tensor, blocks), k), deadline)
-        labels, output = batched.value
+    async def classify_many(
+        self, queries: Sequence[Query], deadline: float | None = None
+    ) -> list[Prediction | CbamError]:
+        """Classify several images, queued together: all of them, or (Overloaded, raised) none.
 
+        Each image is batched as if it came alone. What fails one image (a bad image, top_k or block
+        name; its deadline passing in the queue) comes back in its place; the others are unaffected.
+        ``preprocess_seconds`` in each prediction is the whole call's preprocessing."""
+        self.batcher.check_room(len(queries))
+        outcomes: list[Prediction | CbamError | None] = [None] * len(queries)
+        work: list[tuple[int, _Work]] = []
+        to_decode: list[tuple[int, frozenset[str] | None, int]] = []
+        started = time.monotonic()
+        with self._preprocess_stage.time():
+            for i, query in enumerate(queries):
+                try:
+                    k = self._top_k(query.top_k)
+                    blocks = self._blocks_for(query.attention)
+                    if self._is_ready_pixels(query.image):
+                        work.append((i, (BatchItem(load_pixels(query.image, self._spec), blocks), k)))
+                    else:
+                        to_decode.append((i, blocks, k))
+                except CbamError as exc:
+                    outcomes[i] = exc
+            if to_decode:
+                loop = asyncio.get_running_loop()
+                decoded = await asyncio.gather(
+                    *(
+                        loop.run_in_executor(self._preprocess_pool, load_pixels, queries[i].image, self._spec)
+                        for i, _, _ in to_decode
+                    ),
+                    return_exceptions=True,
+                )
+                for (i, blocks, k), tensor in zip(to_decode, decoded, strict=True):
+                    if isinstance(tensor, CbamError):
+                        outcomes[i] = tensor
+                    elif isinstance(tensor, BaseException):
+                        raise tensor
+                    else:
+                        work.append((i, (BatchItem(tensor, blocks), k)))
+                work.sort(key=lambda pair: pair[0])
+        preprocess_seconds = time.monotonic() - started
+
+        futures = self.batcher.submit_many([item for _, item in work], deadline)
+        try:
+            # In order, one at a time: a future already done costs no suspension, and no gather().
+            for (i, _), future in zip(work, futures, strict=True):
+                try:
+                    batched = await future
+                except Exception as exc:  # Expired in the queue, or its batch failed
+                    outcomes[i] = exc  # type: ignore[assignment]
+                    continue
+                if queries[i].attention.wanted:
+                    outcomes[i] = await self._finish(queries[i], batched, preprocess_seconds)
+                else:
+                    outcomes[i] = self._prediction(queries[i], batched, preprocess_seconds, [], 0.0)
+        except asyncio.CancelledError:  # the call went away: drop what it still has queued
+            for future in futures:
+                future.cancel()
+            raise
+        return outcomes  # type: ignore[return-value]  # every place is filled
+
+    async def _finish(self, query: Query, batched: Batched[_Done], preprocess_seconds: float) -> Prediction:
+        """The prediction, with the maps the query asked for encoded (in a thread: PNG costs)."""
         started = time.monotonic()
         with self._postprocess_stage.time():
             if query.attention.wanted:
-                maps = await loop.run_in_executor(
-                    self._preprocess_pool, encode_attention, output.maps, query.attention
+                maps = await asyncio.get_running_loop().run_in_executor(
+                    self._preprocess_pool, encode_attention, batched.value[1].maps, query.attention
                 )
             else:
                 maps = []
+        return self._prediction(query, batched, preprocess_seconds, maps, time.monotonic() - started)
+
+    def _prediction(
+        self,
+        query: Query,
+        batched: Batched[_Done],
+        preprocess_seconds: float,
+        maps: list[EncodedMap],
+        postprocess_seconds: float,
+    ) -> Prediction:
         return Prediction(
             request_id=query.request_id,
-            labels=labels,
+            labels=batched.value[0],
             attention=maps,
             model_version=self.description.version,
             timings=Timings(
                 preprocess_seconds=preprocess_seconds,
                 queue_seconds=batched.queue_seconds,
                 inference_seconds=batched.inference_seconds,
-                postprocess_seconds=time.monotonic() - started,
+                postprocess_seconds=postprocess_seconds,
                 batch_size=batched.batch_size,
             ),
         )

@@ -63,5 +63,6 @@ def test_stubs_import_and_name_the_service() -> None:
 
     assert inference_pb2.DESCRIPTOR.package == "cbam.v1"
     service = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"]
-    assert [m.name for m in service.methods] == ["Classify", "ClassifyStream", "GetModelInfo"]
+    methods = ["Classify", "ClassifyStream", "ClassifyBatch", "GetModelInfo"]
+    assert [m.name for m in service.methods] == methods
     assert hasattr(inference_pb2_grpc, "InferenceServiceStub")

@@ -91,6 +91,31 @@ def test_invalid_argument_carries_code_and_message_and_is_not_retried(live):
     assert requests_total(live.metrics_url, "Classify", "INVALID_ARGUMENT") - before == 2  # one attempt each
 
 
+def test_batch_of_all_samples_in_one_call_gives_every_true_label(live):
+    calls = requests_total(live.metrics_url, "ClassifyBatch")
+    with Client(live.address) as client:
+        assert client.model_info().max_batch_items >= len(LABELS)
+        predictions = client.classify_batch(list(LABELS), top_k=1)
+    assert [p.top.name for p in predictions] == list(LABELS.values())
+    assert requests_total(live.metrics_url, "ClassifyBatch") == calls + 1  # one call, not one per image
+
+
+async def test_async_batch_mixes_inputs_and_a_bad_one_fails_alone(live, tmp_path):
+    path = list(LABELS)[2]
+    missing = tmp_path / "missing.png"
+    with Image.open(path) as image:
+        rgb = image.convert("RGB")
+    async with AsyncClient(live.address) as client:
+        results = await client.classify_batch(
+            [path, b"garbage", np.asarray(rgb), missing, rgb], top_k=1, return_exceptions=True
+        )
+        assert [type(r).__name__ for r in results[1::2]] == ["InvalidArgumentError"] * 2
+        assert "input 3" in results[3].message  # unreadable here: never sent
+        assert all(r.top.name == LABELS[path] for r in results[0::2])
+        with pytest.raises(InvalidArgumentError, match="image.encoded"):
+            await client.classify_batch([path, b"garbage"])
+
+
 def test_bad_stream_items_fail_alone(live):
     with Client(live.address) as client:
         results = client.classify_many([FIRST, b"garbage", FIRST], return_exceptions=True)

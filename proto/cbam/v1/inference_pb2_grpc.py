@@ -45,6 +45,11 @@ class InferenceServiceStub:
                 request_serializer=cbam_dot_v1_dot_inference__pb2.ClassifyRequest.SerializeToString,
                 response_deserializer=cbam_dot_v1_dot_inference__pb2.ClassifyStreamResponse.FromString,
                 _registered_method=True)
+        self.ClassifyBatch = channel.unary_unary(
+                '/cbam.v1.InferenceService/ClassifyBatch',
+                request_serializer=cbam_dot_v1_dot_inference__pb2.ClassifyBatchRequest.SerializeToString,
+                response_deserializer=cbam_dot_v1_dot_inference__pb2.ClassifyBatchResponse.FromString,
+                _registered_method=True)
         self.GetModelInfo = channel.unary_unary(
                 '/cbam.v1.InferenceService/GetModelInfo',
                 request_serializer=cbam_dot_v1_dot_inference__pb2.GetModelInfoRequest.SerializeToString,
@@ -72,6 +77,17 @@ class InferenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ClassifyBatch(self, request, context):
+        """Many images in one call, answered in request order: for a caller that already holds a
+        batch, it saves the cost of one call per image. Each item is queued as if it came alone (it
+        may share forward passes with other callers' items); a bad item fails only itself (its
+        answer carries `error`). No items, or more than ModelInfo.max_batch_items: INVALID_ARGUMENT.
+        More items than the queue has room for: RESOURCE_EXHAUSTED, and none of them is taken.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetModelInfo(self, request, context):
         """What is being served: architecture, labels, input size, device, batching.
         """
@@ -91,6 +107,11 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     servicer.ClassifyStream,
                     request_deserializer=cbam_dot_v1_dot_inference__pb2.ClassifyRequest.FromString,
                     response_serializer=cbam_dot_v1_dot_inference__pb2.ClassifyStreamResponse.SerializeToString,
+            ),
+            'ClassifyBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClassifyBatch,
+                    request_deserializer=cbam_dot_v1_dot_inference__pb2.ClassifyBatchRequest.FromString,
+                    response_serializer=cbam_dot_v1_dot_inference__pb2.ClassifyBatchResponse.SerializeToString,
             ),
             'GetModelInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetModelInfo,
@@ -153,6 +174,33 @@ class InferenceService:
             '/cbam.v1.InferenceService/ClassifyStream',
             cbam_dot_v1_dot_inference__pb2.ClassifyRequest.SerializeToString,
             cbam_dot_v1_dot_inference__pb2.ClassifyStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClassifyBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cbam.v1.InferenceService/ClassifyBatch',
+            cbam_dot_v1_dot_inference__pb2.ClassifyBatchRequest.SerializeToString,
+            cbam_dot_v1_dot_inference__pb2.ClassifyBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,
