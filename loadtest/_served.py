@@ -120,8 +120,9 @@ class LoadResult:
 
     concurrency: int
     seconds: float
+    images_per_call: int = 1
     latencies: list[float] = field(default_factory=list)  # seconds, successful calls
-    batch_sizes: list[int] = field(default_factory=list)  # timings.batch_size of each successful call
+    batch_sizes: list[int] = field(default_factory=list)  # timings.batch_size of each image answered
     errors: collections.Counter = field(default_factory=collections.Counter)  # status name -> count
     mean_batch_size_metrics: float | None = None  # from /metrics: forward passes' mean size
 
@@ -135,7 +136,8 @@ class LoadResult:
         return {
             "concurrency": self.concurrency,
             "requests": len(self.latencies),
-            "throughput": len(self.latencies) / self.seconds,
+            "images_per_call": self.images_per_call,
+            "throughput": len(self.latencies) * self.images_per_call / self.seconds,
             "p50": p50,
             "p95": p95,
             "p99": p99,
@@ -156,10 +158,12 @@ async def drive_load(
     channels: int = 1,
     timeout: float = 60.0,
     metrics_url: str | None = None,
+    images_per_call: int = 1,
 ) -> LoadResult:
     """`concurrency` tasks, each sending `image` (a uint8 H x W x 3 array, or PNG bytes) by Classify back
-    to back over `channels` channels, for warm-up and then `seconds` of measurement. Retries are off: an
-    error counts.
+    to back over `channels` channels, for warm-up and then `seconds` of measurement; with
+    `images_per_call` above 1, that many copies per ClassifyBatch call instead. Retries are off: an
+    error counts (a failed image in a batch call counts as its call's error).
 
     Only calls that start and finish inside the measuring window count; the batch-size histogram is
     read at the window's two edges.
@@ -171,7 +175,8 @@ async def drive_load(
         )
         for _ in range(max(1, min(channels, concurrency)))
     ]
-    result = LoadResult(concurrency, seconds)
+    result = LoadResult(concurrency, seconds, images_per_call)
+    batch = [image] * images_per_call
     loop = asyncio.get_running_loop()
     start = time.perf_counter() + warmup_seconds
     end = start + seconds
@@ -179,7 +184,10 @@ async def drive_load(
     async def caller(client: AsyncClient) -> None:
         while (t0 := time.perf_counter()) < end:
             try:
-                prediction = await client.classify(image, top_k=1)
+                if images_per_call == 1:
+                    predictions = [await client.classify(image, top_k=1)]
+                else:
+                    predictions = await client.classify_batch(batch, top_k=1)
             except CbamError as exc:
                 if start <= t0:
                     result.errors[exc.code.name] += 1
@@ -187,7 +195,7 @@ async def drive_load(
             t1 = time.perf_counter()
             if start <= t0 and t1 <= end:
                 result.latencies.append(t1 - t0)
-                result.batch_sizes.append(prediction.timings.batch_size)
+                result.batch_sizes.extend(p.timings.batch_size for p in predictions)
 
     async def window_edges() -> tuple:
         await asyncio.sleep(max(0.0, start - time.perf_counter()))

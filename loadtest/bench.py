@@ -63,6 +63,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     preset = QUICK if args.quick else FULL
     if args.quick and args.arch:
         parser.error("--quick benchmarks the default model only; drop --quick to benchmark --arch")
+    if args.images_per_call < 1:
+        parser.error("--images-per-call should be >= 1")
     if args.cbam_cost and (args.quick or args.target or args.arch):
         parser.error("--cbam-cost times cbam_resnet50 against resnet50 in this process; drop --quick, "
                      "--target and --arch")  # fmt: skip
@@ -134,6 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     warmup_seconds=warmup,
                     channels=args.channels,
                     metrics_url=metrics_url,
+                    images_per_call=args.images_per_call,
                 )
                 row = {
                     "setting": label,
@@ -155,6 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         row["ceiling_throughput"] = None if batch is None else ceiling.throughput_at(batch)
         row["efficiency"] = None if batch is None else row["throughput"] / row["ceiling_throughput"]
 
+    call = "Classify" if args.images_per_call == 1 else f"ClassifyBatch of {args.images_per_call} images"
     report = {
         "machine": machine,
         "model": {
@@ -167,8 +171,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "payload": f"uint8 tensor {input_size[0]}x{input_size[1]}x3 (random pixels)"
             if args.payload == "tensor"
             else f"PNG of random pixels, {input_size[0]}x{input_size[1]}",
-            "generator": "client.AsyncClient, Classify, top_k=1, no retries, tasks back to back, in the "
-            "benchmark's own process on the same cores as the server",
+            "generator": f"client.AsyncClient, {call}, top_k=1, no retries, tasks back to back, in the "
+            "benchmark's own process",
+            "images_per_call": args.images_per_call,
             "channels": args.channels,
             "duration_seconds": duration,
             "warmup_seconds": warmup,
@@ -272,6 +277,14 @@ def _parser() -> argparse.ArgumentParser:
         help="time per batch size and round of the ceiling (default 0.5)",
     )
     parser.add_argument("--channels", type=int, default=1, help="gRPC channels the tasks share (default 1)")
+    parser.add_argument(
+        "--images-per-call",
+        type=int,
+        default=1,
+        metavar="N",
+        help="send N images per ClassifyBatch call instead of one per Classify call (default 1); "
+        "throughput still counts images, latencies are per call",
+    )
     parser.add_argument(
         "--payload",
         choices=("tensor", "png"),

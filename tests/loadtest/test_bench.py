@@ -68,6 +68,21 @@ def test_against_a_running_server(live, tmp_path):
     assert report["load"]["target"] == live.address
 
 
+def test_many_images_per_call(tmp_path):
+    out = tmp_path / "bench.json"
+    tiny = ["--batch-sizes", "4", "--concurrency", "2", "--duration", "1", "--warmup", "0.2"]
+    done = bench(*tiny, "--images-per-call", "6", "--json", str(out))
+    assert done.returncode == 0, done.stderr
+    report = json.loads(out.read_text())
+    check_report(report, {"4"}, [2])
+    (row,) = report["results"]
+    assert row["images_per_call"] == 6 and report["load"]["images_per_call"] == 6
+    assert row["throughput"] == pytest.approx(row["requests"] * 6 / 1.0)  # images, not calls
+    assert row["mean_batch_size"] > 1  # a call's images share forward passes
+    assert report["targets"]["batch1_latency_overhead_ms"]["met"] is None  # not one image's latency
+    assert "ClassifyBatch of 6 images" in report["load"]["generator"]
+
+
 def test_an_architecture_by_name(tmp_path):
     out = tmp_path / "bench.json"
     tiny = ["--batch-sizes", "1", "--concurrency", "1", "--duration", "1", "--warmup", "0.2"]
@@ -86,6 +101,7 @@ def test_an_architecture_by_name(tmp_path):
         ["--batch-sizes", "x"],
         ["--payload", "gif"],
         ["--cbam-cost", "--quick"],
+        ["--images-per-call", "0"],
         ["--cbam-cost", "--arch", "cbam_resnet50"],
     ],
 )
