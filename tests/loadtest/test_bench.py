@@ -10,6 +10,7 @@ from PIL import Image
 
 from loadtest._ceiling import Ceiling
 from loadtest._report import evaluate_targets
+from loadtest._served import LoadResult
 from loadtest.bench import _settings, main
 from tests.support import ROOT, server_env
 
@@ -125,6 +126,22 @@ def test_cbam_cost_times_both_models_and_judges_the_target(tmp_path):
         assert 0.8 < figures["ratio"] < 3
     assert isinstance(cost["met"], bool)
     assert "ratio" in done.stdout and "resnet50" in done.stdout  # the table
+
+
+def test_throughput_counts_calls_finishing_in_the_window_and_latency_those_wholly_in_it():
+    """With calls as long as a third of the window, counting only calls wholly inside it would report
+    two thirds of the real rate; every call finishing inside it is counted."""
+    result = LoadResult(concurrency=3, seconds=9.0)
+    start, end = 10.5, 19.5
+    for caller in range(3):  # three callers, back to back, 3 s calls, staggered by 1 s
+        t = 7.0 + caller
+        while t < 22:
+            result.record(t, t + 3.0, [1], start, end)
+            t += 3.0
+    summary = result.summary()
+    assert summary["requests"] == 9  # one call per second finishes inside the window
+    assert summary["throughput"] == pytest.approx(1.0)
+    assert len(result.latencies) == 6 and all(latency == 3.0 for latency in result.latencies)
 
 
 def test_batch_size_settings():
