@@ -7,11 +7,14 @@ beside Locust's own --host (HOST:PORT, grpc:// optional):
     --cbam-attention-share   share of requests that ask for every block's attention, 0..1 (default 0)
     --cbam-stream-share      share of tasks that send a ClassifyStream instead of one Classify, 0..1
     --cbam-stream-size N     images per stream (default 8)
+    --cbam-batch-share       share of tasks that send one ClassifyBatch call instead, 0..1 (default 0)
+    --cbam-batch-size N      images per ClassifyBatch call (default 8)
     --cbam-top-k K, --cbam-timeout SECONDS, --cbam-token TOKEN, --cbam-tls-ca PEM
     (or the environment: CBAM_LOCUST_IMAGES, CBAM_LOCUST_ATTENTION_SHARE, ...)
 
 Each Classify is one Locust request named "Classify" (or "Classify+attention"); each image of a stream is
-one request named "ClassifyStream item", timed from when gRPC took it to when its answer came.
+one request named "ClassifyStream item", timed from when gRPC took it to when its answer came; each image
+of a ClassifyBatch call one request named "ClassifyBatch item", timed by its call.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ import grpc.experimental.gevent as grpc_gevent  # isort: skip
 grpc_gevent.init_gevent()
 
 import grpc  # noqa: E402
+
+from cbam.v1 import inference_pb2  # noqa: E402
 
 from ._base import RequestOptions  # noqa: E402
 from ._channel import TlsConfig  # noqa: E402
@@ -61,6 +66,8 @@ _ARGUMENTS = [
     ("--cbam-attention-share", float, 0.0, "Share of requests asking for every block's attention, 0..1"),
     ("--cbam-stream-share", float, 0.0, "Share of tasks sending a ClassifyStream, not a Classify, 0..1"),
     ("--cbam-stream-size", int, 8, "Images per ClassifyStream call"),
+    ("--cbam-batch-share", float, 0.0, "Share of tasks sending one ClassifyBatch call, 0..1"),
+    ("--cbam-batch-size", int, 8, "Images per ClassifyBatch call"),
     ("--cbam-top-k", int, 5, "Labels asked for"),
     ("--cbam-timeout", float, 10.0, "Deadline of each call, in seconds"),
     ("--cbam-token", str, "", "Bearer token, if the server asks for one"),
@@ -77,21 +84,25 @@ def _add_arguments(parser) -> None:
 
 
 class CbamGrpcUser(User):
-    """Sends the configured images, by Classify or ClassifyStream, as fast as wait_time lets it."""
+    """Sends the configured images by Classify, ClassifyStream or ClassifyBatch, as fast as wait_time lets."""
 
     abstract = True
     host = "localhost:50051"
 
     def on_start(self) -> None:
         options = self.environment.parsed_options
-        for name in ("cbam_attention_share", "cbam_stream_share"):
+        for name in ("cbam_attention_share", "cbam_stream_share", "cbam_batch_share"):
             share = getattr(options, name)
             if not 0 <= share <= 1:
                 raise ValueError(f"--{name.replace('_', '-')} should be in 0..1, got {share}")
+        if options.cbam_stream_share + options.cbam_batch_share > 1:
+            raise ValueError("--cbam-stream-share and --cbam-batch-share should add up to at most 1")
         self.images = [path.read_bytes() for path in find_images(options.cbam_images)]
         self.attention_share = options.cbam_attention_share
         self.stream_share = options.cbam_stream_share
         self.stream_size = max(1, options.cbam_stream_size)
+        self.batch_share = options.cbam_batch_share
+        self.batch_size = max(1, options.cbam_batch_size)
         self.top_k = options.cbam_top_k
         self.timeout = options.cbam_timeout
         target = (self.host or CbamGrpcUser.host).removeprefix("grpc://").rstrip("/")
@@ -107,8 +118,11 @@ class CbamGrpcUser(User):
 
     @task
     def classify(self) -> None:
-        if self.rng.random() < self.stream_share:
+        draw = self.rng.random()
+        if draw < self.stream_share:
             self._stream()
+        elif draw < self.stream_share + self.batch_share:
+            self._batch()
         else:
             self._unary()
 
@@ -129,6 +143,26 @@ class CbamGrpcUser(User):
         except grpc.RpcError as exc:
             exception = error_from_rpc(exc)
         self._fire(name, started, response.ByteSize() if response is not None else 0, exception)
+
+    def _batch(self) -> None:
+        items = [self._options().build(self.rng.choice(self.images)) for _ in range(self.batch_size)]
+        started = time.perf_counter()
+        try:
+            response = self.client._stub.ClassifyBatch(
+                inference_pb2.ClassifyBatchRequest(items=items),
+                timeout=self.timeout,
+                metadata=self.client._metadata,
+            )
+        except grpc.RpcError as exc:
+            error = error_from_rpc(exc)
+            for _ in items:  # the call failed: so did each of its images
+                self._fire("ClassifyBatch item", started, 0, error)
+            return
+        for item in response.results:
+            exception = None
+            if item.WhichOneof("outcome") == "error":
+                exception = error_from_code(item.error.code, item.error.message)
+            self._fire("ClassifyBatch item", started, item.ByteSize(), exception)
 
     def _stream(self) -> None:
         requests = {}

@@ -13,11 +13,12 @@ def test_headless_run_reports_every_kind_of_call_and_writes_csv_and_html(live, t
     command = locust(
         *RUN, "--host", live.address, "--csv", str(tmp_path / "run"), "--html", str(tmp_path / "run.html"),
         "--cbam-attention-share", "0.3", "--cbam-stream-share", "0.3", "--cbam-stream-size", "4",
+        "--cbam-batch-share", "0.3", "--cbam-batch-size", "3",
     )  # fmt: skip
     done = subprocess.run(command, cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=90)
     assert done.returncode == 0, done.stdout + done.stderr
     rows = stats(tmp_path / "run")
-    for name in ("Classify", "Classify+attention", "ClassifyStream item"):
+    for name in ("Classify", "Classify+attention", "ClassifyStream item", "ClassifyBatch item"):
         assert int(rows[name]["Request Count"]) > 0, name
         assert rows[name]["Type"] == "grpc"
         assert float(rows[name]["Average Content Size"]) > 0
