@@ -115,6 +115,14 @@ def to_response(prediction: Prediction, out: pb.ClassifyResponse | None = None) 
     return out
 
 
+def _cancelled_status(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+    """Why gRPC cancelled a handler: the deadline passed, or the client went away. (gRPC's deadline
+    timer may fire a hair before time_remaining() reaches zero.)"""
+    remaining = context.time_remaining()
+    expired = remaining is not None and remaining <= _DEADLINE_SLACK_S
+    return grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+
+
 class _Stream:
     """One ClassifyStream call: its answers, and how many of its items are being handled."""
 
@@ -301,9 +309,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                                    extra={"fields": {"request_id": item.request_id}})  # fmt: skip
             return response
         except asyncio.CancelledError:
-            remaining = context.time_remaining()
-            expired = remaining is not None and remaining <= _DEADLINE_SLACK_S
-            code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+            code = _cancelled_status(context)
             raise
         except Exception as exc:
             code, message = status_for(exc)
@@ -345,11 +351,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             prediction = await self._pipeline.classify(to_query(request, request_id), deadline)
             return to_response(prediction), code, message
         except asyncio.CancelledError:
-            # gRPC cancels the handler when the client goes away or the deadline passes.
-            # gRPC's deadline timer may fire a hair before time_remaining() reaches zero.
-            remaining = context.time_remaining()
-            expired = remaining is not None and remaining <= _DEADLINE_SLACK_S
-            code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+            code = _cancelled_status(context)
             raise
         except Exception as exc:
             code, message = status_for(exc)
