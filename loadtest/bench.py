@@ -34,7 +34,7 @@ from rich.console import Console
 
 from client import BatchingInfo, Client
 
-from ._ceiling import CeilingMeter, backend_callable, build_model
+from ._ceiling import CeilingMeter, backend_callable, build_model, configure_threads
 from ._cost import cost_table, measure_cbam_cost
 from ._report import UNITS, describe_machine, evaluate_targets, plot, print_targets, results_table
 from ._served import LaunchedServer, drive_load
@@ -89,6 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from server.runner import configure_malloc  # the server's allocator settings, for a fair ceiling
 
     configure_malloc()
+    configure_threads()  # before describing the machine, so it reports the threads the ceiling uses
     machine = describe_machine()
     if args.cbam_cost:
         return _cbam_cost(args, machine, console)
