@@ -154,6 +154,7 @@ async def test_missing_or_wrong_tokens_get_one_and_the_same_refusal(guarded):
             stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10, metadata=metadata),
             stub.Classify(request, timeout=10, metadata=metadata),
             _drain(stub.ClassifyStream(iter([request]), timeout=10, metadata=metadata)),
+            stub.ClassifyBatch(pb.ClassifyBatchRequest(items=[request]), timeout=10, metadata=metadata),
         ):
             code, message = await _status(call)
             assert code is grpc.StatusCode.UNAUTHENTICATED, (token, code)
@@ -166,8 +167,11 @@ async def test_refusals_are_counted_without_deserialising_the_request(make_serve
     """cbam_requests_total{code="UNAUTHENTICATED"} is what a brute-force alert watches; and a caller
     without a token does not get the server to parse its (possibly 16 MiB) message."""
     parsed = []
-    real = pb.ClassifyRequest.FromString
+    real, real_batch = pb.ClassifyRequest.FromString, pb.ClassifyBatchRequest.FromString
     monkeypatch.setattr(pb.ClassifyRequest, "FromString", lambda data: parsed.append(1) or real(data))
+    monkeypatch.setattr(
+        pb.ClassifyBatchRequest, "FromString", lambda data: parsed.append(2) or real_batch(data)
+    )
     env.set("CBAM_AUTH__TOKENS", ",".join(TOKENS))
     server = await make_server()  # registers the (patched) deserialiser
     request = pb.ClassifyRequest(encoded=IMAGE)
@@ -177,15 +181,19 @@ async def test_refusals_are_counted_without_deserialising_the_request(make_serve
             await _status(stub.Classify(request, timeout=10, metadata=_auth("Bearer x")))
         await _status(stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10))
         await _status(_drain(stub.ClassifyStream(iter([request]), timeout=10)))
+        await _status(stub.ClassifyBatch(pb.ClassifyBatchRequest(items=[request]), timeout=10))
         assert not parsed
         await stub.Classify(request, timeout=10, metadata=_auth(f"Bearer {TOKENS[0]}"))
-        assert parsed, "the patched deserialiser is not the server's: this test checks nothing"
+        batch = pb.ClassifyBatchRequest(items=[request])
+        await stub.ClassifyBatch(batch, timeout=10, metadata=_auth(f"Bearer {TOKENS[0]}"))
+        assert parsed == [1, 2], "the patched deserialisers are not the server's: this test checks nothing"
 
     def refused(method: str) -> float | None:
         labels = {"method": method, "code": "UNAUTHENTICATED"}
         return server.metrics.registry.get_sample_value("cbam_requests_total", labels)
 
-    assert (refused("Classify"), refused("GetModelInfo"), refused("ClassifyStream")) == (3, 1, 1)
+    counts = [refused(m) for m in ("Classify", "GetModelInfo", "ClassifyStream", "ClassifyBatch")]
+    assert counts == [3, 1, 1, 1]
 
 
 async def _drain(call):

@@ -143,6 +143,22 @@ async def test_deadline_in_the_queue_is_deadline_exceeded_and_not_computed(
     )
 
 
+async def test_a_batch_taken_before_the_drain_is_answered_whole(make_server, connect, gate) -> None:
+    server = await make_server("--batching.max_batch_size", "2", "--batching.max_batch_delay_ms", "0")
+    stub = connect(server)
+    gate.close()
+    items = [pb.ClassifyRequest(tensor=pixels(i)) for i in range(5)]
+    taken = asyncio.ensure_future(stub.ClassifyBatch(pb.ClassifyBatchRequest(items=items)))
+    await gate.wait_entered()
+    stopping = asyncio.ensure_future(server.stop(10))
+    await eventually(lambda: server.servicer.draining)
+    gate.release()
+    answered = await taken
+    assert [bool(r.response.labels) for r in answered.results] == [True] * 5  # nothing taken is lost
+    await stopping
+    assert sum(gate.computed) == 5
+
+
 async def test_a_draining_server_refuses_a_batch_as_unavailable(make_server, connect) -> None:
     server = await make_server()
     server.servicer.refuse_new_work()
