@@ -253,7 +253,8 @@ def _info(client: Client, args: argparse.Namespace, parser: argparse.ArgumentPar
         "attention blocks": ", ".join(info.attention_blocks),
         "batching": f"max_batch_size {info.batching.max_batch_size}, "
         f"max_batch_delay_ms {info.batching.max_batch_delay_ms:g}, max_queue {info.batching.max_queue}",
-        "limits": f"max_image_pixels {info.max_image_pixels:,}, max_message_bytes {info.max_message_bytes:,}",
+        "limits": f"max_image_pixels {info.max_image_pixels:,}, "
+        f"max_message_bytes {info.max_message_bytes:,}, max_batch_items {info.max_batch_items}",
     }
     for key, value in rows.items():
         table.add_row(key, value)

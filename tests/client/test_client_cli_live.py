@@ -63,6 +63,7 @@ def test_info_and_health(live, capsys):
     assert main(["info", "--json", "--target", live.address]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["labels"] == [str(d) for d in range(10)] and info["attention_blocks"]
+    assert info["max_batch_items"] == 256  # the server's default, for callers of classify_batch
     assert main(["info", "--target", live.address]) == 0
     assert "attention blocks" in capsys.readouterr().out
     assert main(["health", "--target", live.address]) == 0
