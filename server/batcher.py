@@ -141,8 +141,10 @@ class DynamicBatcher(Generic[In, Out]):
     async def _serve_batches(self) -> None:
         while True:
             batch = await self._next_batch()
-            if not batch:  # closing and nothing left
-                return
+            if not batch:
+                if self._closing and not self._queue:  # closing and nothing left
+                    return
+                continue  # every item of the batch expired or was cancelled while it filled
             started = time.monotonic()
             queue_stage = self._metrics.stage_seconds.labels("queue")
             for pending in batch:

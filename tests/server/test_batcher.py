@@ -121,6 +121,17 @@ async def test_expired_items_are_dropped_before_compute() -> None:
     await batcher.close()
 
 
+async def test_a_batch_whose_every_item_expires_while_it_fills_leaves_the_batcher_serving() -> None:
+    """The batch closes empty (its only item's deadline passed during the delay); that is not the end."""
+    run = Recorder()
+    batcher, _ = make(run, max_batch_delay_s=0.2)
+    with pytest.raises(Expired):
+        await batcher.submit(0, deadline=time.monotonic() + 0.05)
+    assert (await asyncio.wait_for(batcher.submit(1), timeout=5)).value == 10
+    assert run.batches == [[1]]
+    await batcher.close()
+
+
 async def test_cancelled_callers_are_dropped_before_compute() -> None:
     run = Recorder(blocked=True)
     batcher, metrics = make(run, max_batch_size=4, max_batch_delay_s=0.0)
