@@ -7,7 +7,7 @@ setup:
 serve: setup
 	.venv/bin/cbam-serve
 test:
-	bash scripts/setup.sh --test && $(PY) -m pytest
+	bash .ci/run
 # Regenerate the protobuf/gRPC modules from proto/ (tests/test_proto.py fails when they drift).
 proto:
 	$(PY) -m grpc_tools.protoc -Iproto --python_out=proto --pyi_out=proto --grpc_python_out=proto proto/cbam/v1/inference.proto

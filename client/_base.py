@@ -12,7 +12,7 @@ from grpc_health.v1 import health_pb2_grpc
 from cbam.v1 import inference_pb2, inference_pb2_grpc
 
 from ._channel import DEFAULT_TARGET, ChannelSettings, TlsConfig, build_target
-from ._errors import CbamError, InvalidArgumentError, error_from_code
+from ._errors import CbamError, InvalidArgumentError, error_from_code, item_error
 from ._images import ImageInput
 from ._messages import AttentionArg, FormatArg, build_request, to_prediction
 from ._retry import RetryPolicy
@@ -68,10 +68,7 @@ class BatchCall:
         if len(answers) != len(self.sent):
             raise ValueError(f"the server answered {len(answers)} of {len(self.sent)} images")
         for index, answer in zip(self.sent, answers, strict=True):
-            if answer.WhichOneof("outcome") == "error":
-                self.outcomes[index] = error_from_code(answer.error.code, answer.error.message)
-            else:
-                self.outcomes[index] = to_prediction(answer.response)
+            self.outcomes[index] = item_error(answer) or to_prediction(answer.response)
         ordered = [self.outcomes[index] for index in range(self.total)]
         if not return_exceptions:
             for outcome in ordered:
@@ -152,7 +149,6 @@ class StreamState:
         self.sent_at: dict[str, float] = {}
         self.resend: list[tuple[int, inference_pb2.ClassifyRequest]] = []
         self.local_failures: list[StreamResult] = []
-        self.source_done = False
 
     def next_request(self, source) -> inference_pb2.ClassifyRequest | None:
         """The next request to send (a resend first), or None when there is nothing left."""
@@ -163,7 +159,6 @@ class StreamState:
                 try:
                     index, image = next(source)
                 except StopIteration:
-                    self.source_done = True
                     return None
                 request = self.build(index, image)
                 if request is not None:
@@ -187,8 +182,8 @@ class StreamState:
         if entry is None:
             return None
         latency = time.perf_counter() - self.sent_at.pop(response.request_id)
-        if response.WhichOneof("outcome") == "error":
-            error = error_from_code(response.error.code, response.error.message)
+        error = item_error(response)
+        if error is not None:
             return StreamResult(entry[0], None, error, latency)
         return StreamResult(entry[0], to_prediction(response.response), None, latency)
 
@@ -208,7 +203,3 @@ class StreamState:
     def pending_failures(self) -> list[StreamResult]:
         failures, self.local_failures = self.local_failures, []
         return failures
-
-    @property
-    def finished(self) -> bool:
-        return self.source_done and not self.resend and not self.unanswered

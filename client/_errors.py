@@ -21,6 +21,7 @@ __all__ = [
     "UnavailableError",
     "error_from_code",
     "error_from_rpc",
+    "item_error",
 ]
 
 
@@ -70,6 +71,13 @@ def error_from_code(code: grpc.StatusCode | int, message: str) -> CbamError:
     if not isinstance(code, grpc.StatusCode):
         code = _CODE_BY_VALUE.get(code, grpc.StatusCode.UNKNOWN)
     return _BY_CODE.get(code, CbamError)(code, message)
+
+
+def item_error(answer) -> CbamError | None:
+    """The exception carried by one stream or batch answer (a ClassifyStreamResponse), or None."""
+    if answer.WhichOneof("outcome") != "error":
+        return None
+    return error_from_code(answer.error.code, answer.error.message)
 
 
 def error_from_rpc(exc: grpc.RpcError) -> CbamError:

@@ -36,7 +36,7 @@ from cbam.v1 import inference_pb2  # noqa: E402
 
 from ._base import RequestOptions  # noqa: E402
 from ._channel import TlsConfig  # noqa: E402
-from ._errors import CbamError, error_from_code, error_from_rpc  # noqa: E402
+from ._errors import CbamError, error_from_rpc, item_error  # noqa: E402
 from ._retry import RetryPolicy  # noqa: E402
 from ._sync import Client  # noqa: E402
 
@@ -159,10 +159,7 @@ class CbamGrpcUser(User):
                 self._fire("ClassifyBatch item", started, 0, error)
             return
         for item in response.results:
-            exception = None
-            if item.WhichOneof("outcome") == "error":
-                exception = error_from_code(item.error.code, item.error.message)
-            self._fire("ClassifyBatch item", started, item.ByteSize(), exception)
+            self._fire("ClassifyBatch item", started, item.ByteSize(), item_error(item))
 
     def _stream(self) -> None:
         requests = {}
@@ -181,10 +178,7 @@ class CbamGrpcUser(User):
             for item in call:
                 if requests.pop(item.request_id, None) is None:
                     continue
-                exception = None
-                if item.WhichOneof("outcome") == "error":
-                    exception = error_from_code(item.error.code, item.error.message)
-                self._fire("ClassifyStream item", sent_at[item.request_id], item.ByteSize(), exception)
+                self._fire("ClassifyStream item", sent_at[item.request_id], item.ByteSize(), item_error(item))
         except grpc.RpcError as exc:
             error = error_from_rpc(exc)
             for request_id in requests:  # every image the broken stream did not answer failed

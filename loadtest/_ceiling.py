@@ -7,9 +7,7 @@ torch.inference_mode, with the server's thread settings: intra-op threads = usab
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 import statistics
 import time
 from collections.abc import Iterable
@@ -24,42 +22,36 @@ __all__ = [
     "backend_callable",
     "build_model",
     "configure_threads",
-    "measure_ceiling",
+    "make_inputs",
 ]
 
 
 def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+    """The cores this process may run on (the server's own count)."""
+    from server.config import usable_cores as server_usable_cores
+
+    return server_usable_cores()
 
 
 def configure_threads() -> int:
     """The server's torch thread settings (server/runner.py configure_torch_threads); returns the threads."""
-    torch.set_num_threads(usable_cores())
-    if torch.get_num_interop_threads() != 1:
-        with contextlib.suppress(RuntimeError):  # only settable before the first parallel work
-            torch.set_num_interop_threads(1)
+    from server.runner import configure_torch_threads
+
+    configure_torch_threads()
     return torch.get_num_threads()
 
 
 def build_model(arch: str | None, input_size: int | None = None) -> tuple[nn.Module, tuple[int, int], str]:
-    """(model, (H, W), version) as cbam-serve would serve it: `arch` None means the default checkpoint."""
-    import models  # torch-only; the load generator itself never needs it
+    """(model, (H, W), version) as cbam-serve builds it (its own ModelRunner.from_settings, on the CPU):
+    `arch` None means the default checkpoint, else seed-0 random weights and 1000 classes."""
+    from server.config import ModelSettings
+    from server.runner import ModelRunner
 
-    if arch is None:
-        model, meta = models.load_checkpoint(models.DEFAULT_CHECKPOINT, map_location="cpu")
-        size, version = tuple(meta.input_size), meta.version
-    else:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            model = models.create_model(arch, num_classes=1000)
-        size, version = tuple(model.input_size), "random-seed0"
+    runner = ModelRunner.from_settings(ModelSettings(arch=arch, device="cpu"), max_batch_size=1)
+    model, size, version = runner.model, runner.description.input_size, runner.description.version
     if input_size is not None:
         size = (input_size, input_size)
-    model = model.eval().to(dtype=torch.float32, memory_format=torch.channels_last)
-    return model, size, version
+    return model, size, version  # eval mode, float32, channels-last: the runner's defaults
 
 
 @dataclass
@@ -102,6 +94,15 @@ class Ceiling:
         }
 
 
+def make_inputs(input_size: tuple[int, int], batch_sizes: Iterable[int]) -> dict[int, torch.Tensor]:
+    """Seed-0 random channels-last batches, one per size, in the order given."""
+    generator = torch.Generator().manual_seed(0)
+    return {
+        size: torch.rand(size, 3, *input_size, generator=generator).to(memory_format=torch.channels_last)
+        for size in batch_sizes
+    }
+
+
 class CeilingMeter:
     """Times forward passes at each batch size, in rounds the caller spreads over the benchmark.
 
@@ -127,11 +128,7 @@ class CeilingMeter:
         self.seconds_per_size = seconds_per_size
         self.min_passes = min_passes
         self.window = window
-        generator = torch.Generator().manual_seed(0)
-        self.inputs = {
-            size: torch.rand(size, 3, *input_size, generator=generator).to(memory_format=torch.channels_last)
-            for size in sorted(set(batch_sizes))
-        }
+        self.inputs = make_inputs(input_size, sorted(set(batch_sizes)))
         self.windows: dict[int, list[list[float]]] = {size: [] for size in self.inputs}  # per round
         with torch.inference_mode():
             for x in self.inputs.values():  # warm-up: first passes allocate and pick kernels
@@ -162,26 +159,10 @@ class CeilingMeter:
         return ceiling
 
 
-def measure_ceiling(
-    model: nn.Module,
-    input_size: tuple[int, int],
-    batch_sizes: Iterable[int],
-    seconds_per_size: float = 0.5,
-    rounds: int = 3,
-) -> Ceiling:
-    """The ceiling from `rounds` rounds run back to back."""
-    meter = CeilingMeter(model, input_size, batch_sizes, seconds_per_size)
-    for _ in range(rounds):
-        meter.round()
-    return meter.result()
-
-
 def backend_callable(model, backend: str, input_size: tuple[int, int]):
     """What the ceiling times: the module itself, or the server's backend built from it."""
     if backend == "eager":
         return model
-    import torch
-
     from server.backends import create_backend  # the server's own code path, so the ceiling is its
 
     configure_threads()

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 from rich.table import Table
 
-from ._ceiling import backend_callable, build_model, configure_threads
+from ._ceiling import backend_callable, build_model, configure_threads, make_inputs
 
 __all__ = ["COST_TARGET", "measure_cbam_cost", "cost_table"]
 
@@ -33,11 +33,7 @@ def measure_cbam_cost(
     for arch in MODELS:
         model, input_size, _ = build_model(arch)
         runnables[arch] = backend_callable(model, backend, input_size)
-    generator = torch.Generator().manual_seed(0)
-    inputs = {
-        size: torch.rand(size, 3, *input_size, generator=generator).to(memory_format=torch.channels_last)
-        for size in batch_sizes
-    }
+    inputs = make_inputs(input_size, batch_sizes)
     times: dict[str, dict[int, list[list[float]]]] = {arch: {s: [] for s in inputs} for arch in MODELS}
     with torch.inference_mode():
         for arch in MODELS:  # warm-up: first passes allocate, pick kernels (and compile, for compile)
@@ -60,12 +56,14 @@ def measure_cbam_cost(
     for size in inputs:
         cbam = [statistics.median(r) for r in times["cbam_resnet50"][size]]
         plain = [statistics.median(r) for r in times["resnet50"][size]]
+        ratios = [c / p for c, p in zip(cbam, plain, strict=True)]
+        cbam_ms = statistics.median(cbam)
         by_size[size] = {
-            "cbam_resnet50_ms": statistics.median(cbam),
+            "cbam_resnet50_ms": cbam_ms,
             "resnet50_ms": statistics.median(plain),
-            "ratio": statistics.median(c / p for c, p in zip(cbam, plain, strict=True)),
-            "round_ratios": [c / p for c, p in zip(cbam, plain, strict=True)],
-            "cbam_resnet50_images_per_s": size * 1000 / statistics.median(cbam),
+            "ratio": statistics.median(ratios),
+            "round_ratios": ratios,
+            "cbam_resnet50_images_per_s": size * 1000 / cbam_ms,
         }
     best = max(by_size, key=lambda s: by_size[s]["cbam_resnet50_images_per_s"])
     judged = [by_size[1], by_size[best]] if 1 in by_size else None

@@ -12,7 +12,15 @@ from rich.table import Table
 
 from ._ceiling import Ceiling, usable_cores
 
-__all__ = ["UNITS", "describe_machine", "evaluate_targets", "plot", "print_targets", "results_table"]
+__all__ = [
+    "UNITS",
+    "describe_machine",
+    "evaluate_targets",
+    "plot",
+    "print_targets",
+    "results_table",
+    "verdict",
+]
 
 UNITS = {
     "throughput": "images/s",
@@ -139,16 +147,12 @@ def _number(value: float | None, form: str) -> str:
     return "-" if value is None else form.format(value)
 
 
-def print_targets(targets: dict, console: Console) -> None:
-    def verdict(met: bool | None) -> str:
-        return (
-            "[dim]not measured[/dim]"
-            if met is None
-            else "[green]met[/green]"
-            if met
-            else "[red]not met[/red]"
-        )
+def verdict(met: bool | None) -> str:
+    """A target's verdict, in rich markup."""
+    return {None: "[dim]not measured[/dim]", True: "[green]met[/green]", False: "[red]not met[/red]"}[met]
 
+
+def print_targets(targets: dict, console: Console) -> None:
     saturation = targets["saturation_efficiency"]
     figures = ", ".join(
         f"{s}: {v['efficiency']:.0%} at c={v['concurrency']}" for s, v in saturation["by_setting"].items()

@@ -36,7 +36,7 @@ from client import BatchingInfo, Client
 
 from ._ceiling import CeilingMeter, backend_callable, build_model, configure_threads
 from ._cost import cost_table, measure_cbam_cost
-from ._report import UNITS, describe_machine, evaluate_targets, plot, print_targets, results_table
+from ._report import UNITS, describe_machine, evaluate_targets, plot, print_targets, results_table, verdict
 from ._served import LaunchedServer, drive_load
 
 __all__ = ["main"]
@@ -86,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Before any torch work: the ceiling's threads (and the servers started from here) get the
     # server's cores, so the ceiling runs with the thread count the server will have.
     _pin(server_cpus)
-    from server.runner import configure_malloc  # the server's allocator settings, for a fair ceiling
+    from server.runner import batch_buckets, configure_malloc  # the server's allocator and batch sizes
 
     configure_malloc()
     configure_threads()  # before describing the machine, so it reports the threads the ceiling uses
@@ -98,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     num_parameters = sum(p.numel() for p in model.parameters())
     explicit = [size for size in settings if size is not None]
     ceiling_seconds = args.ceiling_seconds if args.ceiling_seconds is not None else preset["ceiling_seconds"]
-    ceiling_sizes = _powers_of_two(max([*explicit, 32])) | set(explicit)
+    ceiling_sizes = set(batch_buckets(max([*explicit, 32]))) | set(explicit)
     runnable = backend_callable(model, args.backend, input_size)
     meter = CeilingMeter(runnable, input_size, ceiling_sizes, ceiling_seconds)
     console.print(f"ceiling round: {args.arch or 'default model'} in-process ...", highlight=False)
@@ -211,8 +211,7 @@ def _cbam_cost(args: argparse.Namespace, machine: dict, console: Console) -> int
         progress=lambda step: console.print(f"CBAM's cost, {args.backend}: {step} ...", highlight=False),
     )
     Console(width=max(Console().width, 100)).print(cost_table(cost))
-    verdict = {True: "met", False: "not met", None: "not measured (needs batch size 1)"}[cost["met"]]
-    console.print(f"{cost['target']}: {verdict}", highlight=False)
+    console.print(f"{cost['target']}: {verdict(cost['met'])}", highlight=False)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         machine["load_average_1m_at_end"] = os.getloadavg()[0]
@@ -368,10 +367,6 @@ def _settings(text: str) -> list[int | None]:
     if not settings:
         raise ValueError(f"--batch-sizes should list sizes or 'default', got {text!r}")
     return settings
-
-
-def _powers_of_two(limit: int) -> set[int]:
-    return {2**i for i in range(limit.bit_length()) if 2**i <= limit}
 
 
 def _png(image: np.ndarray) -> bytes:

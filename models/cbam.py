@@ -139,21 +139,23 @@ class CBAM(nn.Module):
         channel = spatial = None
         if self.channel is not None:
             channel = self.channel.attention(x)
-            gate = channel[:, :, None, None]
-            if self.spatial is None and shortcut is not None:
-                return _add_product(shortcut, x, gate, inplace), AttentionMaps(channel, None)
-            x = x.mul_(gate) if inplace else x * gate
+            # The shortcut is added with the last gate: this one when there is no spatial gate.
+            x = _gate(x, channel[:, :, None, None], shortcut if self.spatial is None else None, inplace)
         if self.spatial is not None:
             spatial = self.spatial.attention(x)
-            if shortcut is not None:
-                x = _add_product(shortcut, x, spatial, inplace)
-            else:
-                x = x.mul_(spatial) if inplace else x * spatial
+            x = _gate(x, spatial, shortcut, inplace)
             spatial = spatial.squeeze(1)
         return x, AttentionMaps(channel, spatial)
 
     def forward(self, x: Tensor, shortcut: Tensor | None = None) -> Tensor:
         return self.forward_with_maps(x, shortcut)[0]
+
+
+def _gate(x: Tensor, gate: Tensor, shortcut: Tensor | None, inplace: bool) -> Tensor:
+    """``x * gate``, plus ``shortcut`` when given (in one pass), into ``x`` when ``inplace``."""
+    if shortcut is not None:
+        return _add_product(shortcut, x, gate, inplace)
+    return x.mul_(gate) if inplace else x * gate
 
 
 def _add_product(shortcut: Tensor, x: Tensor, gate: Tensor, inplace: bool) -> Tensor:

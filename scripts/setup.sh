@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sets up a fresh machine for cbam-serve: a virtual environment at .venv with torch and the project.
 # Idempotent: re-running it only installs what is missing.
-#   bash scripts/setup.sh          runtime + development + load-test extras
+#   bash scripts/setup.sh          runtime + the dev extra (training, load-test, onnx, test tools)
 #   bash scripts/setup.sh --test   also installs the real servers the tests start (prometheus, nginx)
 set -euo pipefail
 cd "$(dirname "$0")/.."

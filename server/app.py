@@ -113,9 +113,6 @@ class InferenceServer:
             self._metrics_endpoint.close()
         _log.info("stopped", extra={"fields": {}})
 
-    async def wait_for_termination(self) -> None:
-        await self.grpc_server.wait_for_termination()
-
 
 def build_server(settings: Settings, *, runner: ModelRunner | None = None) -> tuple[InferenceServer, int]:
     """Load the model and bind the port (0 picks a free one); call within a running event loop.

@@ -40,7 +40,6 @@ _log = logging.getLogger(__name__)
 class ModelBackend:
     """One way to run batches. ``static_batch``: every batch size is a new graph, so pad to buckets."""
 
-    name = "?"
     static_batch = False
 
     def run(self, x: Tensor, blocks: Sequence[str] | None) -> tuple[Tensor, dict[str, AttentionMaps]]:
@@ -50,8 +49,6 @@ class ModelBackend:
 
 class EagerBackend(ModelBackend):
     """The module as it is; ``model()`` is looked up on every batch, so a replaced module is served."""
-
-    name = "eager"
 
     def __init__(self, model: Callable[[], nn.Module]) -> None:
         self._model = model
@@ -89,17 +86,12 @@ def _map_layout(model: nn.Module, input_size: tuple[int, int]) -> list[tuple[str
     ]
 
 
-def _unflatten(
-    layout: Sequence[tuple[str, str]], tensors: Sequence[Tensor], blocks: Sequence[str]
-) -> dict[str, AttentionMaps]:
+def _unflatten(layout: Sequence[tuple[str, str]], tensors: Sequence[Tensor]) -> dict[str, AttentionMaps]:
     found: dict[str, dict[str, Tensor]] = {}
     for (block, kind), tensor in zip(layout, tensors, strict=True):
         found.setdefault(block, {})[kind] = tensor
-    wanted = set(blocks)
     return {
-        block: AttentionMaps(kinds.get("channel"), kinds.get("spatial"))
-        for block, kinds in found.items()
-        if block in wanted
+        block: AttentionMaps(kinds.get("channel"), kinds.get("spatial")) for block, kinds in found.items()
     }
 
 
@@ -111,7 +103,6 @@ class CompiledBackend(ModelBackend):
     Batches that asked for maps run the eager module: a second graph per bucket would double a start
     that already takes minutes for a ResNet-50, for the rarer kind of request."""
 
-    name = "compile"
     static_batch = True
 
     def __init__(self, model: nn.Module, device: torch.device) -> None:
@@ -136,14 +127,11 @@ class OnnxRuntimeBackend(ModelBackend):
     """The model exported to ONNX once (dynamic batch), with every block's maps as extra outputs; a batch
     asks ONNX Runtime for the logits and only the maps some request wanted."""
 
-    name = "onnxruntime"
-
     def __init__(
         self, model: nn.Module, device: torch.device, input_size: tuple[int, int], threads: int
     ) -> None:
         import onnxruntime  # the `onnx` extra
 
-        self._device = device
         has_maps = hasattr(model, "forward_with_attention")
         self._layout = _map_layout(model, input_size) if has_maps else []
         names = ["logits", *(f"{block}/{kind}" for block, kind in self._layout)]
@@ -164,10 +152,11 @@ class OnnxRuntimeBackend(ModelBackend):
         }
 
     def run(self, x: Tensor, blocks: Sequence[str] | None) -> tuple[Tensor, dict[str, AttentionMaps]]:
-        wanted = [] if blocks is None else [key for key in self._layout if key[0] in set(blocks)]
+        chosen = set(blocks or ())
+        wanted = [key for key in self._layout if key[0] in chosen]
         feed = {self._input: x.detach().float().cpu().contiguous().numpy()}
         logits, *maps = self._session.run(["logits", *(self._outputs[key] for key in wanted)], feed)
-        found = _unflatten(wanted, [torch.from_numpy(m) for m in maps], blocks or [])
+        found = _unflatten(wanted, [torch.from_numpy(m) for m in maps])
         return torch.from_numpy(logits), found
 
 

@@ -83,6 +83,8 @@ class DynamicBatcher(Generic[In, Out]):
         self.max_queue = max_queue
         self._run_batch = run_batch
         self._metrics = metrics if metrics is not None else ServerMetrics()
+        self._queue_stage = self._metrics.stage_seconds.labels("queue")
+        self._inference_stage = self._metrics.stage_seconds.labels("inference")
         self._queue: collections.deque[_Pending[In, Out]] = collections.deque()
         self._arrived = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -146,9 +148,8 @@ class DynamicBatcher(Generic[In, Out]):
                     return
                 continue  # every item of the batch expired or was cancelled while it filled
             started = time.monotonic()
-            queue_stage = self._metrics.stage_seconds.labels("queue")
             for pending in batch:
-                queue_stage.observe(started - pending.enqueued_at)
+                self._queue_stage.observe(started - pending.enqueued_at)
             try:
                 outputs = await self._run_batch([p.item for p in batch])
                 if len(outputs) != len(batch):
@@ -160,7 +161,7 @@ class DynamicBatcher(Generic[In, Out]):
                         pending.future.set_exception(exc)
                 continue
             inference_seconds = time.monotonic() - started
-            self._metrics.stage_seconds.labels("inference").observe(inference_seconds)
+            self._inference_stage.observe(inference_seconds)
             self._metrics.batch_size.observe(len(batch))
             for pending, output in zip(batch, outputs, strict=True):
                 if not pending.future.done():

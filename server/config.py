@@ -166,9 +166,8 @@ class Tls(_Group):
 
     @property
     def client_auth_required(self) -> bool:
-        if self.client_ca_file is None:
-            return False
-        return self.require_client_auth is not False
+        # A client CA with require_client_auth false is refused at start (grpcio cannot make it optional).
+        return self.client_ca_file is not None
 
 
 class Auth(_Group):

@@ -6,7 +6,6 @@
      ├── Overloaded        the queue is full                      RESOURCE_EXHAUSTED
      ├── OutOfMemory       one image alone does not fit on the device RESOURCE_EXHAUSTED
      ├── Expired           its deadline passed before compute     DEADLINE_EXCEEDED
-     ├── Cancelled         its caller went away before compute    CANCELLED
      └── ShuttingDown      the server is draining                 UNAVAILABLE
 
 ``StartupError`` is apart: a setting that looked valid but cannot be served (float16 on a CPU,
@@ -16,7 +15,6 @@ an unknown architecture). It names the field, and ``cbam-serve`` exits with stat
 from __future__ import annotations
 
 __all__ = [
-    "Cancelled",
     "CbamError",
     "Expired",
     "InvalidInput",
@@ -50,10 +48,6 @@ class OutOfMemory(CbamError):
 
 class Expired(CbamError):
     """The request's deadline passed before it could be computed."""
-
-
-class Cancelled(CbamError):
-    """The caller went away before the request could be computed."""
 
 
 class ShuttingDown(CbamError):

@@ -29,7 +29,7 @@ from server.config import Settings, usable_cores
 from server.errors import CbamError, InvalidInput
 from server.metrics import ServerMetrics
 from server.postprocess import AttentionQuery, EncodedMap, LabelScore, encode_attention, top_k_rows
-from server.preprocess import ImageSpec, RawTensor, load_pixels
+from server.preprocess import ImageSpec, RawTensor, is_ready_pixels, load_pixels
 from server.runner import BatchItem, ItemOutput, ModelDescription, ModelRunner, warm_up_sizes
 
 __all__ = ["DEFAULT_TOP_K", "InferencePipeline", "Prediction", "Query", "Timings"]
@@ -117,7 +117,7 @@ class InferencePipeline:
         self.batcher.check_room()  # refuse now rather than after decoding an image we cannot queue
         started = time.monotonic()
         with self._preprocess_stage.time():
-            if self._is_ready_pixels(query.image):
+            if is_ready_pixels(query.image, self._spec):
                 # Already decoded and sized: a check and a copy, cheaper than a trip to a thread.
                 tensor = load_pixels(query.image, self._spec)
             else:
@@ -146,7 +146,7 @@ class InferencePipeline:
                 try:
                     k = self._top_k(query.top_k)
                     blocks = self._blocks_for(query.attention)
-                    if self._is_ready_pixels(query.image):
+                    if is_ready_pixels(query.image, self._spec):
                         work.append((i, (BatchItem(load_pixels(query.image, self._spec), blocks), k)))
                     else:
                         to_decode.append((i, blocks, k))
@@ -235,14 +235,6 @@ class InferencePipeline:
         logits = torch.stack([output.logits for output in outputs])
         labels = top_k_rows(logits, self.description.labels, [k for _, k in work])
         return list(zip(labels, outputs, strict=True))
-
-    def _is_ready_pixels(self, image: bytes | RawTensor) -> bool:
-        height, width = self._spec.input_size
-        return (
-            isinstance(image, RawTensor)
-            and image.dtype == "uint8"
-            and tuple(image.shape) == (height, width, 3)
-        )
 
     def _top_k(self, requested: int) -> int:
         classes = len(self.description.labels)

@@ -35,6 +35,7 @@ __all__ = [
     "ImageSpec",
     "RawTensor",
     "decode_image",
+    "is_ready_pixels",
     "load_pixels",
     "preprocess",
     "tensor_from_raw",
@@ -88,19 +89,29 @@ def _normalise(x: torch.Tensor, spec: ImageSpec) -> torch.Tensor:
     return ((x - mean) / std).contiguous()
 
 
+def is_ready_pixels(source: bytes | RawTensor, spec: ImageSpec) -> bool:
+    """A uint8 H x W x 3 tensor at the model's input size: nothing to decode or resize, only to check
+    and copy (cheaper on the event loop than a trip to a preprocessing thread)."""
+    return (
+        isinstance(source, RawTensor)
+        and source.dtype == "uint8"
+        and tuple(source.shape) == (*spec.input_size, 3)
+    )
+
+
 def load_pixels(source: bytes | RawTensor, spec: ImageSpec) -> torch.Tensor:
     """Decode, validate and resize one image: uint8 H x W x 3 pixels at the model's input size, for the
     runner to normalise in the batch. A float32 tensor comes back normalised (float32 3 x H x W), as
     ``preprocess`` makes it."""
     height, width = spec.input_size
+    if is_ready_pixels(source, spec):
+        # Check the length and copy once (no PIL round trip, which made three copies of the pixels:
+        # a tenth of the event loop's time per small request).
+        if len(source.data) != height * width * 3 or height * width > spec.max_pixels:
+            tensor_from_raw(source, spec.max_pixels)  # raises, naming what is wrong
+        pixels = np.frombuffer(source.data, dtype=np.uint8).reshape(height, width, 3)
+        return torch.from_numpy(pixels.copy())  # a copy: frombuffer's array is read-only
     if isinstance(source, RawTensor):
-        if source.dtype == "uint8" and tuple(source.shape) == (height, width, 3):
-            # Already what the runner takes: check the length, copy once (no PIL round trip, which
-            # made three copies of the pixels: a tenth of the event loop's time per small request).
-            if len(source.data) != height * width * 3 or height * width > spec.max_pixels:
-                tensor_from_raw(source, spec.max_pixels)  # raises, naming what is wrong
-            pixels = np.frombuffer(source.data, dtype=np.uint8).reshape(height, width, 3)
-            return torch.from_numpy(pixels.copy())  # a copy: frombuffer's array is read-only
         pixels = tensor_from_raw(source, spec.max_pixels)
         if isinstance(pixels, torch.Tensor):
             return _normalise(_resize_tensor(pixels, spec.input_size), spec)

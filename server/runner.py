@@ -43,8 +43,6 @@ __all__ = [
 
 _log = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_IMAGENET_MEAN = (0.485, 0.456, 0.406)
-_IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)
@@ -114,8 +112,12 @@ def configure_malloc() -> bool:
     return bool(mmap_ok and trim_ok)
 
 
-def warm_up_sizes(max_batch_size: int) -> list[int]:
-    """The batch sizes to warm up: powers of two below ``max_batch_size``, and itself."""
+def batch_buckets(max_batch_size: int) -> list[int]:
+    """The shapes a static-shape backend compiles: powers of two below ``max_batch_size``, and itself.
+
+    A batch is padded up to the smallest bucket that holds it, so at most half of a forward is padding
+    and only log2(max_batch_size) + 1 graphs (or CUDA graphs) are built.
+    """
     sizes, size = [], 1
     while size < max_batch_size:
         sizes.append(size)
@@ -123,13 +125,8 @@ def warm_up_sizes(max_batch_size: int) -> list[int]:
     return [*sizes, max_batch_size]
 
 
-def batch_buckets(max_batch_size: int) -> list[int]:
-    """The shapes a static-shape backend compiles: powers of two below ``max_batch_size``, and itself.
-
-    A batch is padded up to the smallest bucket that holds it, so at most half of a forward is padding
-    and only log2(max_batch_size) + 1 graphs (or CUDA graphs) are built.
-    """
-    return warm_up_sizes(max_batch_size)
+# The batch sizes to warm up are the buckets: every size the batcher's batches are run as.
+warm_up_sizes = batch_buckets
 
 
 def split_into_buckets(size: int, buckets: Sequence[int]) -> list[int]:
@@ -246,25 +243,19 @@ class ModelRunner:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(settings.seed)
                 model = models.create_model(settings.arch, num_classes=settings.num_classes)
-            return cls(
-                model,
+            meta = models.CheckpointMetadata(  # ImageNet normalisation, the metadata's default
                 arch=settings.arch,
-                version=f"random-seed{settings.seed}",
+                num_classes=settings.num_classes,
                 labels=[f"class_{i}" for i in range(settings.num_classes)],
-                input_size=tuple(model.input_size),
-                mean=_IMAGENET_MEAN,
-                std=_IMAGENET_STD,
-                device=device,
-                dtype=dtype,
-                channels_last=settings.channels_last,
-                backend=settings.backend,
-                max_batch_size=max_batch_size,
+                input_size=model.input_size,
+                version=f"random-seed{settings.seed}",
             )
-        path = Path(settings.checkpoint) if settings.checkpoint is not None else models.DEFAULT_CHECKPOINT
-        try:
-            model, meta = models.load_checkpoint(path, map_location="cpu")
-        except (ValueError, OSError) as exc:  # CheckpointError is a ValueError
-            raise StartupError("model.checkpoint", str(exc)) from None
+        else:
+            path = Path(settings.checkpoint) if settings.checkpoint is not None else models.DEFAULT_CHECKPOINT
+            try:
+                model, meta = models.load_checkpoint(path, map_location="cpu")
+            except (ValueError, OSError) as exc:  # CheckpointError is a ValueError
+                raise StartupError("model.checkpoint", str(exc)) from None
         return cls(
             model,
             arch=meta.arch,
@@ -361,23 +352,19 @@ class ModelRunner:
             torch.stack([item.tensor for item in items], out=host[:n])
             pixels = host[:n].to(self.device, non_blocking=True)  # the same tensor on the CPU
             torch.addcmul(self._shift, pixels, self._scale, out=batch[:n])
-            x = batch.permute(0, 3, 1, 2)
-            return x if self._memory_format is torch.channels_last else x.contiguous()
-        pixel_rows = []
-        for row, item in enumerate(items):
-            t = item.tensor
-            if t.dtype != torch.uint8:  # already normalised, 3 x H x W
-                batch[row].copy_(t.permute(1, 2, 0))
-            elif staging is not None:
-                staging[row].copy_(t)
-                pixel_rows.append(row)
-            else:
-                torch.addcmul(self._shift, t, self._scale, out=batch[row])
-        if pixel_rows:  # CUDA: one non-blocking copy of uint8, normalised on the device
-            pixels = staging[: len(items)].to(self.device, non_blocking=True)
-            if len(pixel_rows) == len(items):
-                torch.addcmul(self._shift, pixels, self._scale, out=batch[: len(items)])
-            else:
+        else:
+            pixel_rows = []
+            for row, item in enumerate(items):
+                t = item.tensor
+                if t.dtype != torch.uint8:  # already normalised, 3 x H x W
+                    batch[row].copy_(t.permute(1, 2, 0))
+                elif staging is not None:
+                    staging[row].copy_(t)
+                    pixel_rows.append(row)
+                else:
+                    torch.addcmul(self._shift, t, self._scale, out=batch[row])
+            if pixel_rows:  # CUDA: one non-blocking copy of uint8, normalised on the device
+                pixels = staging[:n].to(self.device, non_blocking=True)
                 for row in pixel_rows:
                     torch.addcmul(self._shift, pixels[row], self._scale, out=batch[row])
         x = batch.permute(0, 3, 1, 2)  # channels-last memory, B x 3 x H x W

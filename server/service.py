@@ -15,8 +15,6 @@ import grpc
 from cbam.v1 import inference_pb2 as pb
 from cbam.v1 import inference_pb2_grpc
 from server.errors import (
-    Cancelled,
-    CbamError,
     Expired,
     InvalidInput,
     OutOfMemory,
@@ -42,7 +40,6 @@ _STATUS: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (OutOfMemory, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (Expired, grpc.StatusCode.DEADLINE_EXCEEDED),
-    (Cancelled, grpc.StatusCode.CANCELLED),
     (ShuttingDown, grpc.StatusCode.UNAVAILABLE),
 )
 _TENSOR_DTYPES = {pb.Tensor.DTYPE_UINT8: "uint8", pb.Tensor.DTYPE_FLOAT32: "float32"}
@@ -152,7 +149,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         model_info: pb.ModelInfo,
         metrics: ServerMetrics,
         max_stream_inflight: int,
-        max_batch_items: int = 256,
+        max_batch_items: int,
     ) -> None:
         self._pipeline = pipeline
         self._model_info = model_info
@@ -282,19 +279,17 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             remaining = context.time_remaining()
             deadline = None if remaining is None else started + remaining
             # A malformed item (to_query) fails in its place, like one the pipeline refuses.
-            queries: list[Query | None] = []
-            failed: dict[int, CbamError] = {}
-            for i, item in enumerate(items):
+            parsed: list[Query | InvalidInput] = []
+            for item in items:
                 try:
-                    queries.append(to_query(item, self._request_id(item)))
+                    parsed.append(to_query(item, self._request_id(item)))
                 except InvalidInput as exc:
-                    queries.append(None)
-                    failed[i] = exc
-            valid = [q for q in queries if q is not None]
+                    parsed.append(exc)
+            valid = [query for query in parsed if isinstance(query, Query)]
             outcomes = iter(await self._pipeline.classify_many(valid, deadline))
             response = pb.ClassifyBatchResponse()
-            for i, (item, query) in enumerate(zip(items, queries, strict=True)):
-                outcome = failed[i] if query is None else next(outcomes)
+            for item, query in zip(items, parsed, strict=True):
+                outcome = query if isinstance(query, InvalidInput) else next(outcomes)
                 result = response.results.add()
                 result.request_id = item.request_id
                 if isinstance(outcome, Prediction):

@@ -43,8 +43,6 @@ def stats(csv_prefix: Path) -> dict[str, dict[str, str]]:
         return {row["Name"]: row for row in csv.DictReader(handle)}
 
 
-
-
 def run_distributed(host: str, tmp_path: Path, *args: str, workers: int = 2) -> str:
     """Run Locust headless as a master with `workers` workers against `host`, writing CSV statistics
     to tmp_path/"dist"; returns the master's log once every process exited 0 (all are killed on failure)."""
