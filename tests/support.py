@@ -15,12 +15,16 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
 
 __all__ = ["ROOT", "ServerProcess", "server_env"]
 
@@ -158,3 +162,27 @@ class ServerProcess:
             if event.get("event") == "serving":
                 self.port, self.metrics_port = int(event["port"]), event.get("metrics_port")
                 self._serving.set()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on now (bound, then released: good enough on loopback)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+def scrape(url: str) -> dict[tuple[str, frozenset], float]:
+    """Every sample of a /metrics page: (name, frozenset of label items) -> value."""
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def metric(url: str, name: str, **labels: str) -> float:
+    """One sample of a /metrics page, its labels exactly ``labels`` (0 when absent)."""
+    return scrape(url).get((name, frozenset(labels.items())), 0.0)

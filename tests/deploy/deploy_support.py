@@ -7,7 +7,6 @@ import json
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import urllib.request
@@ -18,6 +17,8 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.support import free_port as free_port  # re-exported for the deploy tests
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -25,13 +26,6 @@ def load_yaml_documents(path: Path) -> list[dict]:
     """Every non-empty YAML document of ``path``."""
     with path.open(encoding="utf-8") as f:
         return [doc for doc in yaml.safe_load_all(f) if doc is not None]
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(condition: Callable[[], object], *, timeout_s: float, what: str, interval_s: float = 0.1):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -11,11 +10,11 @@ import pytest
 import torch
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from prometheus_client.parser import text_string_to_metric_families
 
 from cbam.v1 import inference_pb2 as pb
 from models import DEFAULT_CHECKPOINT, load_checkpoint
 from server.preprocess import ImageSpec, preprocess
+from tests.support import scrape
 
 
 def test_single_call_classifies_a_sample_digit(stub, samples) -> None:
@@ -35,10 +34,8 @@ def test_most_samples_are_right(stub, samples) -> None:
 
 
 def _batch_sizes(metrics_url: str) -> tuple[float, float]:
-    text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
-    family = next(f for f in text_string_to_metric_families(text) if f.name == "cbam_batch_size")
-    values = {s.name: s.value for s in family.samples if not s.name.endswith("_bucket")}
-    return values["cbam_batch_size_count"], values["cbam_batch_size_sum"]
+    samples = scrape(metrics_url)
+    return samples[("cbam_batch_size_count", frozenset())], samples[("cbam_batch_size_sum", frozenset())]
 
 
 def test_concurrent_calls_are_batched(served, stub, samples) -> None:

@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cbam.v1 import inference_pb2 as pb
 from cbam.v1 import inference_pb2_grpc
-from tests.support import ROOT, ServerProcess, server_env
+from tests.support import ROOT, ServerProcess, metric, server_env
 
 
 def test_serving_line_and_health(served) -> None:
@@ -33,10 +33,7 @@ def test_serving_line_and_health(served) -> None:
 
 
 def _inflight(url: str) -> float:
-    for line in urllib.request.urlopen(url, timeout=10).read().decode().splitlines():
-        if line.startswith("cbam_inflight_requests "):
-            return float(line.split()[1])
-    return 0.0
+    return metric(url, "cbam_inflight_requests")
 
 
 def test_sigterm_answers_everything_in_flight_and_exits_0(samples) -> None:

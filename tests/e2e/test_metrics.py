@@ -2,24 +2,12 @@
 
 from __future__ import annotations
 
-import urllib.request
-
 import grpc
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from cbam.v1 import inference_pb2 as pb
 from cbam.v1 import inference_pb2_grpc
-from tests.support import ServerProcess
-
-
-def scrape(url: str) -> dict[tuple[str, frozenset], float]:
-    text = urllib.request.urlopen(url, timeout=10).read().decode()
-    return {
-        (s.name, frozenset(s.labels.items())): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
+from tests.support import ServerProcess, scrape
 
 
 def test_counters_and_histograms_count_exactly(samples) -> None:

@@ -4,20 +4,13 @@ import, which has no place inside pytest's own process), and reading its CSV sta
 from __future__ import annotations
 
 import csv
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
-from tests.support import ROOT, server_env
+from tests.support import ROOT, free_port, server_env
 
 LOCUSTFILE = ROOT / "loadtest" / "locustfile.py"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def locust(*args: str) -> list[str]:
