@@ -128,7 +128,8 @@ def _encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
 
 
 def _stages(url: str) -> dict[str, tuple[float, float]]:
-    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
     found: dict[str, list[float]] = {}
     for line in text.splitlines():
         for suffix in ("_sum", "_count"):
@@ -140,8 +141,10 @@ def _stages(url: str) -> dict[str, tuple[float, float]]:
 
 
 async def _window(target: str, url: str, image: np.ndarray, concurrency: int, seconds: float) -> dict:
+    # Warm up first, then read the histograms at the measured window's edges (not around the warm-up).
+    await drive_load(target, image, concurrency=concurrency, seconds=1.0, warmup_seconds=0.0)
     before = _stages(url)
-    result = await drive_load(target, image, concurrency=concurrency, seconds=seconds, warmup_seconds=1.0)
+    result = await drive_load(target, image, concurrency=concurrency, seconds=seconds, warmup_seconds=0.0)
     after = _stages(url)
     summary = result.summary()
     means = {}
