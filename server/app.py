@@ -11,6 +11,7 @@ import asyncio
 import logging
 import signal
 import ssl
+from collections.abc import Awaitable, Callable
 
 import grpc
 import torch
@@ -18,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from cbam.oip import grpc_service_pb2_grpc
 from cbam.v1 import inference_pb2 as pb
 from cbam.v1 import inference_pb2_grpc
 from server.calls import CallTracker
@@ -25,6 +27,7 @@ from server.config import Settings, Tls
 from server.errors import StartupError
 from server.metrics import MetricsEndpoint, ServerMetrics
 from server.pipeline import InferencePipeline
+from server.protocols import oip
 from server.runner import ModelDescription, ModelRunner, configure_malloc, configure_torch_threads
 from server.service import InferenceServicer, ParseRequests
 
@@ -46,8 +49,10 @@ class InferenceServer:
         health: HealthServicer,
         metrics: ServerMetrics,
         port: int,
+        services: tuple[str, ...] = (SERVICE_NAME,),
     ) -> None:
         self.settings = settings
+        self.services = services  # the inference services served, each with its health status
         self.grpc_server = grpc_server
         self.pipeline = pipeline
         self.calls = calls
@@ -59,7 +64,7 @@ class InferenceServer:
 
     async def start(self) -> None:
         """Accept calls, warm up (health NOT_SERVING meanwhile), then report SERVING."""
-        for name in ("", SERVICE_NAME):
+        for name in ("", *self.services):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         if self.settings.metrics.enabled:
             m = self.settings.metrics
@@ -73,7 +78,7 @@ class InferenceServer:
         await self.grpc_server.start()
         self.pipeline.start()
         await self.pipeline.warm_up()
-        for name in ("", SERVICE_NAME):
+        for name in ("", *self.services):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         d = self.pipeline.description
         fields = {
@@ -145,7 +150,7 @@ def build_server(settings: Settings, *, runner: ModelRunner | None = None) -> tu
             ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share it
         ],
         maximum_concurrent_rpcs=limits.max_concurrent_rpcs,
-        interceptors=_interceptors(settings, metrics),
+        interceptors=_interceptors(settings, metrics, _inference_services(settings)),
     )
     calls = CallTracker(metrics)
     servicer = InferenceServicer(
@@ -154,9 +159,15 @@ def build_server(settings: Settings, *, runner: ModelRunner | None = None) -> tu
     inference_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    services: tuple[str, ...] = (SERVICE_NAME,)
+    if settings.oip.enabled:
+        serving = _serving(health, oip.SERVICE_NAME)
+        oip_servicer = oip.OipServicer(pipeline, calls, metrics, settings, serving)
+        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(oip_servicer, server)
+        services += (oip.SERVICE_NAME,)
     if settings.reflection:
         names = (
-            SERVICE_NAME,
+            *services,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         )
@@ -165,7 +176,7 @@ def build_server(settings: Settings, *, runner: ModelRunner | None = None) -> tu
     port = _add_port(server, address, settings)
     if (warning := plaintext_warning(settings)) is not None:
         _log.warning(warning, extra={"fields": {"host": settings.host, "port": port}})
-    return InferenceServer(settings, server, pipeline, calls, health, metrics, port), port
+    return InferenceServer(settings, server, pipeline, calls, health, metrics, port, services), port
 
 
 async def serve(settings: Settings) -> None:
@@ -254,9 +265,27 @@ def plaintext_warning(settings: Settings) -> str | None:
     )
 
 
-def _interceptors(settings: Settings, metrics: ServerMetrics) -> list[grpc.aio.ServerInterceptor]:
+def _inference_services(settings: Settings) -> tuple[str, ...]:
+    """The services behind authentication and request parsing (health and reflection stay open)."""
+    return (SERVICE_NAME, oip.SERVICE_NAME) if settings.oip.enabled else (SERVICE_NAME,)
+
+
+def _serving(health: HealthServicer, service: str) -> Callable[[], Awaitable[bool]]:
+    """Whether ``service`` is SERVING, as the health service answers it (ServerReady's answer)."""
+    request = health_pb2.HealthCheckRequest(service=service)
+
+    async def serving() -> bool:
+        answer = await health.Check(request, None)  # ``service`` is always known: start() sets it
+        return answer.status == health_pb2.HealthCheckResponse.SERVING
+
+    return serving
+
+
+def _interceptors(
+    settings: Settings, metrics: ServerMetrics, services: tuple[str, ...]
+) -> list[grpc.aio.ServerInterceptor]:
     # The first runs first: a caller without a token is refused before its message is parsed.
-    parse = ParseRequests(SERVICE_NAME)
+    parse = ParseRequests(services)
     tokens = [token.get_secret_value() for token in settings.auth.tokens]
     if not tokens:
         return [parse]
@@ -265,4 +294,4 @@ def _interceptors(settings: Settings, metrics: ServerMetrics) -> list[grpc.aio.S
     def count_refusal(method: str) -> None:  # refused before the servicer, which counts the rest
         metrics.requests.labels(method, "UNAUTHENTICATED").inc()
 
-    return [BearerTokenInterceptor(tokens, SERVICE_NAME, count_refusal), parse]
+    return [BearerTokenInterceptor(tokens, services, count_refusal), parse]

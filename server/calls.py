@@ -29,7 +29,17 @@ from typing import NamedTuple, TypeVar
 
 import grpc
 
-from server.errors import Expired, InvalidInput, OutOfMemory, Overloaded, ShuttingDown, TooLarge
+from server.errors import (
+    Expired,
+    InvalidInput,
+    NotFound,
+    NotReady,
+    OutOfMemory,
+    Overloaded,
+    ShuttingDown,
+    TooLarge,
+    Unsupported,
+)
 from server.metrics import ServerMetrics
 
 __all__ = ["Call", "CallTracker", "Failure", "new_request_id", "status_for"]
@@ -50,6 +60,9 @@ _STATUS: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (OutOfMemory, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (Expired, grpc.StatusCode.DEADLINE_EXCEEDED),
     (ShuttingDown, grpc.StatusCode.UNAVAILABLE),
+    (NotReady, grpc.StatusCode.UNAVAILABLE),
+    (NotFound, grpc.StatusCode.NOT_FOUND),
+    (Unsupported, grpc.StatusCode.UNIMPLEMENTED),
 )
 
 
@@ -156,16 +169,19 @@ class CallTracker:
         context: grpc.aio.ServicerContext,
         handle: Callable[[Call], Awaitable[Response]],
         images: int = 1,
+        *,
+        probe: bool = False,
     ) -> Response | Failure:
         """Run ``handle`` as one call of ``method`` carrying ``images`` images: its response, or the
-        Failure it ended with."""
+        Failure it ended with. A ``probe`` (is the server live, ready?) is answered while draining too,
+        as the health service is: its answer is what tells a client to go elsewhere."""
         call = Call(method, context, images)
         self._last_arrival = call.started
         code, message = grpc.StatusCode.OK, ""
         self._metrics.inflight.inc()
         self._active += 1
         try:
-            if self._draining:
+            if self._draining and not probe:
                 raise ShuttingDown("the server is shutting down; try another replica")
             return await handle(call)
         except asyncio.CancelledError:
@@ -188,9 +204,11 @@ class CallTracker:
         context: grpc.aio.ServicerContext,
         handle: Callable[[Call], Awaitable[Response]],
         images: int = 1,
+        *,
+        probe: bool = False,
     ) -> Response:
         """``answer``, for a unary RPC: a Failure aborts the call with its status."""
-        outcome = await self.answer(method, context, handle, images)
+        outcome = await self.answer(method, context, handle, images, probe=probe)
         if isinstance(outcome, Failure):
             await context.abort(outcome.code, outcome.message)
         return outcome  # type: ignore[return-value]  # abort() raised otherwise

@@ -6,7 +6,8 @@ Each ``ServerMetrics`` has its own registry, so servers built in one process (te
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
@@ -18,6 +19,7 @@ __all__ = [
     "DROP_REASONS",
     "MetricsEndpoint",
     "ServerMetrics",
+    "Totals",
 ]
 
 # From 100 µs (one small image's postprocessing) to a minute (a large batch of a large model on CPU).
@@ -28,6 +30,17 @@ LATENCY_BUCKETS = (
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 STAGES = ("preprocess", "queue", "inference", "postprocess")
 DROP_REASONS = ("deadline", "cancelled", "overloaded")
+
+
+@dataclass(frozen=True)
+class Totals:
+    """Cumulative counts and seconds since the server started, as its histograms hold them."""
+
+    succeeded: tuple[int, float]  # calls that ended OK: (count, seconds from arrival to answer)
+    failed: tuple[int, float]  # calls that ended with any other status
+    stages: dict[str, tuple[int, float]]  # stage -> (observations, seconds)
+    images: int  # images computed in forward passes
+    batches: int  # forward passes
 
 
 class ServerMetrics:
@@ -72,6 +85,27 @@ class ServerMetrics:
     def describe_model(self, *, arch: str, version: str, device: str, dtype: str) -> None:
         self.model_info.info({"arch": arch, "version": version, "device": device, "dtype": dtype})
 
+    def totals(self, methods: Collection[str]) -> Totals:
+        """The histograms' cumulative counts and sums, the calls of ``methods`` only (ModelStatistics
+        reports these: the same clock as the dashboards, read when asked, nothing counted twice)."""
+        calls = {True: [0, 0.0], False: [0, 0.0]}  # OK or not -> [count, seconds]
+        for sample in _samples(self.request_seconds):
+            if sample.labels.get("method") in methods:
+                _add(calls[sample.labels["code"] == "OK"], sample)
+        stages: dict[str, list] = {stage: [0, 0.0] for stage in STAGES}
+        for sample in _samples(self.stage_seconds):
+            _add(stages.setdefault(sample.labels["stage"], [0, 0.0]), sample)
+        batches = [0, 0.0]
+        for sample in _samples(self.batch_size):
+            _add(batches, sample)
+        return Totals(
+            succeeded=(calls[True][0], calls[True][1]),
+            failed=(calls[False][0], calls[False][1]),
+            stages={stage: (count, seconds) for stage, (count, seconds) in stages.items()},
+            images=round(batches[1]),
+            batches=batches[0],
+        )
+
     def watch_cuda_memory(
         self, device: str, allocated: Callable[[], float], reserved: Callable[[], float]
     ) -> None:
@@ -86,6 +120,22 @@ class ServerMetrics:
             "cbam_cuda_memory_reserved_bytes", "CUDA memory reserved by the caching allocator.", ["device"],
             registry=self.registry,
         ).labels(device).set_function(reserved)  # fmt: skip
+
+
+def _samples(histogram: Histogram):
+    """A histogram's _count and _sum samples (its buckets left out)."""
+    for family in histogram.collect():
+        for sample in family.samples:
+            if sample.name.endswith(("_count", "_sum")):
+                yield sample
+
+
+def _add(total: list, sample) -> None:
+    """Add a _count sample to total[0], a _sum sample to total[1]."""
+    if sample.name.endswith("_count"):
+        total[0] += int(sample.value)
+    else:
+        total[1] += sample.value
 
 
 class MetricsEndpoint:

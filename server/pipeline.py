@@ -11,6 +11,9 @@
     classify_many(queries) does the same for the images of one ClassifyBatch call: checks and
     preprocessing per image (a bad one fails alone), queued together, answered in order.
 
+    classify_tensor(query) takes a whole batch as one tensor (the Open Inference Protocol's way) and
+    answers it as tensors: probabilities, top-k, maps, N rows each. One bad image fails the query.
+
 Plain Python types in and out; gRPC is service.py's business.
 """
 
@@ -32,7 +35,15 @@ from server.postprocess import AttentionQuery, EncodedMap, LabelScore, encode_at
 from server.preprocess import ImageSpec, RawTensor, is_ready_pixels, load_pixels
 from server.runner import BatchItem, ItemOutput, ModelDescription, ModelRunner, warm_up_sizes
 
-__all__ = ["DEFAULT_TOP_K", "InferencePipeline", "Prediction", "Query", "Timings"]
+__all__ = [
+    "DEFAULT_TOP_K",
+    "InferencePipeline",
+    "Prediction",
+    "Query",
+    "TensorPrediction",
+    "TensorQuery",
+    "Timings",
+]
 
 DEFAULT_TOP_K = 5
 
@@ -70,6 +81,35 @@ class Prediction:
     timings: Timings
 
 
+@dataclass(frozen=True)
+class TensorQuery:
+    """Several images classified as one request, answered as tensors.
+
+    ``images``: uint8 N x H x W x 3 pixels at the model's input size, float32 N x 3 x H x W already
+    normalised, or N encoded image files. ``top_k`` 0 asks for no top-k; ``blocks`` names the blocks
+    whose maps are wanted (None: no maps).
+    """
+
+    request_id: str
+    images: torch.Tensor | Sequence[bytes]
+    probabilities: bool = True
+    top_k: int = 0
+    blocks: frozenset[str] | None = None
+
+
+@dataclass(frozen=True)
+class TensorPrediction:
+    """What a TensorQuery asked for, one row per image, float32 on the CPU.
+
+    ``top_k`` is (probabilities, class indices), N x k each, most probable first; ``maps`` holds
+    block -> kind ("channel", "spatial") -> N x C or N x H x W, for the blocks asked, in network order.
+    """
+
+    probabilities: torch.Tensor | None
+    top_k: tuple[torch.Tensor, torch.Tensor] | None
+    maps: dict[str, dict[str, torch.Tensor]]
+
+
 class InferencePipeline:
     """Classifies queries with ``runner``, batching concurrent ones. ``start()`` it on the event loop."""
 
@@ -88,6 +128,8 @@ class InferencePipeline:
         threads = settings.preprocess_threads or max(1, usable_cores() // 2)
         self._preprocess_pool = ThreadPoolExecutor(threads, thread_name_prefix="preprocess")
         self._inference_pool = ThreadPoolExecutor(1, thread_name_prefix="inference")
+        # block -> kind -> map shape without the batch dimension; known once warm_up() measured them.
+        self.attention_shapes: dict[str, dict[str, tuple[int, ...]]] | None = None
         self.batcher: DynamicBatcher[_Work, _Done] = DynamicBatcher(
             self._run_batch,
             max_batch_size=settings.batching.max_batch_size,
@@ -102,7 +144,21 @@ class InferencePipeline:
     async def warm_up(self) -> None:
         """Run every batch size the batcher can form once, in the inference thread."""
         sizes = warm_up_sizes(self._max_batch_size)
-        await asyncio.get_running_loop().run_in_executor(self._inference_pool, self._runner.warm_up, sizes)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._inference_pool, self._runner.warm_up, sizes)
+        self.attention_shapes = await loop.run_in_executor(self._inference_pool, self._measure_maps)
+
+    def _measure_maps(self) -> dict[str, dict[str, tuple[int, ...]]]:
+        """Every block's map shapes (without the batch), from one forward of a blank image."""
+        if not self._blocks:
+            return {}
+        height, width = self.description.input_size
+        blank = BatchItem(torch.zeros(height, width, 3, dtype=torch.uint8), self._blocks)
+        (output,) = self._runner.run_batch([blank])
+        return {
+            block: {kind: tuple(t.shape) for kind, t in kinds.items() if t is not None}
+            for block, kinds in output.maps.items()
+        }
 
     async def close(self) -> None:
         """Finish what is queued, then release the threads."""
@@ -189,6 +245,62 @@ class InferencePipeline:
                 future.cancel()
             raise
         return outcomes  # type: ignore[return-value]  # every place is filled
+
+    async def classify_tensor(self, query: TensorQuery, deadline: float | None = None) -> TensorPrediction:
+        """Classify a batch held as one tensor (or a list of files): all its images or, raising the
+        first failure, none. Its images join the same dynamic batches as every other caller's (split
+        at max_batch_size) and come back in order."""
+        count = len(query.images)
+        if query.top_k > len(self.description.labels):
+            raise InvalidInput(f"top_k: {query.top_k} is more than the model's "
+                               f"{len(self.description.labels)} classes")  # fmt: skip
+        blocks = query.blocks
+        if blocks is not None and not blocks <= self._blocks:
+            raise InvalidInput(f"attention blocks {sorted(blocks - self._blocks)} are not this model's; "
+                               f"its blocks are {list(self.description.attention_blocks)}")  # fmt: skip
+        self.batcher.check_room(count)
+        with self._preprocess_stage.time():
+            if isinstance(query.images, torch.Tensor):
+                pixels = query.images
+            else:
+                pixels = torch.stack(await self._decode_all(query.images))
+        futures = self.batcher.submit_many([(BatchItem(image, blocks), 1) for image in pixels], deadline)
+        try:
+            done = [await future for future in futures]
+        except BaseException:  # a failed image fails the query: drop what it still has queued
+            for future in futures:
+                future.cancel()
+            raise
+        with self._postprocess_stage.time():
+            logits = torch.stack([output.logits for _, output in (b.value for b in done)])
+            probabilities = torch.softmax(logits.float(), dim=-1)
+            top = torch.topk(probabilities, query.top_k) if query.top_k else None
+            maps = {
+                block: {kind: torch.stack([b.value[1].maps[block][kind] for b in done]) for kind in kinds}
+                for block, kinds in (self.attention_shapes or {}).items()
+                if blocks is not None and block in blocks
+            }
+        return TensorPrediction(
+            probabilities=probabilities if query.probabilities else None,
+            top_k=None if top is None else (top.values, top.indices),
+            maps=maps,
+        )
+
+    async def _decode_all(self, files: Sequence[bytes]) -> list[torch.Tensor]:
+        """Decode and resize every file in the preprocessing threads; the first bad one is raised,
+        naming its place."""
+        loop = asyncio.get_running_loop()
+        decoded = await asyncio.gather(
+            *(loop.run_in_executor(self._preprocess_pool, load_pixels, data, self._spec) for data in files),
+            return_exceptions=True,
+        )
+        for i, outcome in enumerate(decoded):
+            if isinstance(outcome, CbamError):
+                message = str(outcome).removeprefix("image.encoded: ")
+                raise type(outcome)(f"element {i}: {message}")
+            if isinstance(outcome, BaseException):
+                raise outcome
+        return decoded  # type: ignore[return-value]  # no exception left
 
     async def _finish(self, query: Query, batched: Batched[_Done], preprocess_seconds: float) -> Prediction:
         """The prediction, with the maps the query asked for encoded (in a thread: PNG costs)."""

@@ -9,7 +9,8 @@ import pytest
 
 MODULES = [
     "app", "auth", "batcher", "config", "errors", "logs", "metrics", "pipeline", "postprocess",
-    "preprocess", "runner", "service", "__main__",
+    "preprocess", "runner", "service", "__main__", "protocols.oip", "protocols.oip_model",
+    "protocols.oip_tensors",
 ]  # fmt: skip
 
 
