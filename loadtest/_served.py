@@ -5,18 +5,24 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
+import struct
 import subprocess
 import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+import grpc
 import numpy as np
 
 from client import AsyncClient, CbamError, RetryPolicy
 
-__all__ = ["LaunchedServer", "LoadResult", "drive_load", "scrape_batch_size"]
+__all__ = ["PROTOCOLS", "LaunchedServer", "LoadResult", "drive_load", "oip_model_name", "scrape_batch_size"]
+
+PROTOCOLS = ("cbam", "oip")  # cbam.v1 Classify / ClassifyBatch; the Open Inference Protocol's ModelInfer
+_MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 
 
 class LaunchedServer:
@@ -145,6 +151,7 @@ class LoadResult:
         p50 = p95 = p99 = per_request = None
         if self.latencies:
             p50, p95, p99 = (float(p) for p in np.percentile(np.asarray(self.latencies) * 1000, [50, 95, 99]))
+        if self.batch_sizes:  # ModelInfer answers carry no timings: only /metrics knows its batches
             per_request = float(np.mean(self.batch_sizes))
         from_metrics = self.mean_batch_size_metrics is not None
         return {
@@ -173,40 +180,39 @@ async def drive_load(
     timeout: float = 60.0,
     metrics_url: str | None = None,
     images_per_call: int = 1,
+    protocol: str = "cbam",
+    model_name: str = "",
 ) -> LoadResult:
-    """`concurrency` tasks, each sending `image` (a uint8 H x W x 3 array, or PNG bytes) by Classify back
-    to back over `channels` channels, for warm-up and then `seconds` of measurement; with
-    `images_per_call` above 1, that many copies per ClassifyBatch call instead. Retries are off: an
-    error counts (a failed image in a batch call counts as its call's error).
+    """`concurrency` tasks, each sending `image` (a uint8 H x W x 3 array, or PNG bytes) back to back over
+    `channels` channels, for warm-up and then `seconds` of measurement. With protocol "cbam": one
+    Classify per call or, with `images_per_call` above 1, that many copies per ClassifyBatch call; with
+    "oip": one ModelInfer of `model_name` per call, its `images_per_call` copies as one tensor (UINT8
+    [N, H, W, 3], or BYTES [N, 1] for PNG), asking for the top class. Retries are off: an error counts
+    (a failed image in a batch call counts as its call's error).
 
     Throughput counts the calls that finish inside the measuring window, latencies those that also
     start in it; the batch-size histogram is read at the window's two edges.
     """
-    # A local subchannel pool gives each channel its own connection, instead of gRPC sharing one.
-    clients = [
-        AsyncClient(
-            target, timeout=timeout, retry=RetryPolicy.none(), options=[("grpc.use_local_subchannel_pool", 1)]
-        )
-        for _ in range(max(1, min(channels, concurrency)))
-    ]
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol should be one of {PROTOCOLS}, got {protocol!r}")
     result = LoadResult(concurrency, seconds, images_per_call)
-    batch = [image] * images_per_call
+    count = max(1, min(channels, concurrency))
+    make = _oip_senders if protocol == "oip" else _cbam_senders
+    senders, close = make(target, image, count, timeout, images_per_call, model_name)
     loop = asyncio.get_running_loop()
     start = time.perf_counter() + warmup_seconds
     end = start + seconds
 
-    async def caller(client: AsyncClient) -> None:
+    async def caller(send: Callable[[], Awaitable[list[int]]]) -> None:
         while (t0 := time.perf_counter()) < end:
             try:
-                if images_per_call == 1:
-                    predictions = [await client.classify(image, top_k=1)]
-                else:
-                    predictions = await client.classify_batch(batch, top_k=1)
-            except CbamError as exc:
+                batch_sizes = await send()
+            except (CbamError, grpc.aio.AioRpcError) as exc:
                 if start <= t0:
-                    result.errors[exc.code.name] += 1
+                    code = exc.code if isinstance(exc, CbamError) else exc.code()
+                    result.errors[code.name] += 1
                 continue
-            result.record(t0, time.perf_counter(), [p.timings.batch_size for p in predictions], start, end)
+            result.record(t0, time.perf_counter(), batch_sizes, start, end)
 
     async def window_edges() -> tuple:
         await asyncio.sleep(max(0.0, start - time.perf_counter()))
@@ -217,11 +223,85 @@ async def drive_load(
 
     try:
         edges = asyncio.ensure_future(window_edges())
-        await asyncio.gather(*(caller(clients[i % len(clients)]) for i in range(concurrency)))
+        await asyncio.gather(*(caller(senders[i % len(senders)]) for i in range(concurrency)))
         before, after = await edges
     finally:
-        for client in clients:
-            await client.close()
+        await close()
     if before is not None and after is not None and after[1] > before[1]:
         result.mean_batch_size_metrics = (after[0] - before[0]) / (after[1] - before[1])
     return result
+
+
+# A local subchannel pool gives each channel its own connection, instead of gRPC sharing one.
+_OWN_CONNECTION = ("grpc.use_local_subchannel_pool", 1)
+
+
+def _cbam_senders(target: str, image, count: int, timeout: float, images_per_call: int, model_name: str):
+    """One Classify (or ClassifyBatch) sender per client.AsyncClient; each returns its images' batch sizes."""
+    clients = [AsyncClient(target, timeout=timeout, retry=RetryPolicy.none(), options=[_OWN_CONNECTION])
+               for _ in range(count)]  # fmt: skip
+    batch = [image] * images_per_call
+
+    def sender(client: AsyncClient) -> Callable[[], Awaitable[list[int]]]:
+        async def send() -> list[int]:
+            if images_per_call == 1:
+                predictions = [await client.classify(image, top_k=1)]
+            else:
+                predictions = await client.classify_batch(batch, top_k=1)
+            return [p.timings.batch_size for p in predictions]
+
+        return send
+
+    async def close() -> None:
+        for client in clients:
+            await client.close()
+
+    return [sender(client) for client in clients], close
+
+
+def _oip_senders(target: str, image, count: int, timeout: float, images_per_call: int, model_name: str):
+    """One ModelInfer sender per channel. The request is serialised once and sent as bytes, and the
+    answer is not parsed (an error is its status): the generator's work per call is gRPC's alone."""
+    payload = _model_infer_request(model_name, image, images_per_call)
+    channels = [grpc.aio.insecure_channel(target, options=[_OWN_CONNECTION]) for _ in range(count)]
+
+    def sender(channel: grpc.aio.Channel) -> Callable[[], Awaitable[list[int]]]:
+        call = channel.unary_unary(_MODEL_INFER)  # bytes in, bytes out
+
+        async def send() -> list[int]:
+            await call(payload, timeout=timeout)
+            return []  # no timings in the answer: the mean batch size comes from /metrics
+
+        return send
+
+    async def close() -> None:
+        for channel in channels:
+            await channel.close()
+
+    return [sender(channel) for channel in channels], close
+
+
+def _model_infer_request(model_name: str, image: np.ndarray | bytes, count: int) -> bytes:
+    from cbam.oip import grpc_service_pb2 as pb  # not imported by the cbam.v1 benchmark
+
+    request = pb.ModelInferRequest(model_name=model_name)
+    if isinstance(image, bytes):
+        request.inputs.add(name="encoded_images", datatype="BYTES", shape=[count, 1])
+        request.raw_input_contents.append((struct.pack("<I", len(image)) + image) * count)
+    else:
+        batch = np.ascontiguousarray(np.broadcast_to(image, (count, *image.shape)))
+        request.inputs.add(name="images", datatype="UINT8", shape=list(batch.shape))
+        request.raw_input_contents.append(batch.tobytes())
+    request.outputs.add(name="probabilities").parameters["classification"].int64_param = 1
+    return request.SerializeToString()
+
+
+def oip_model_name(target: str, timeout: float = 30.0) -> str:
+    """The name of the model a server serves over the Open Inference Protocol (its repository index)."""
+    from cbam.oip import grpc_service_pb2 as pb
+    from cbam.oip import grpc_service_pb2_grpc
+
+    with grpc.insecure_channel(target) as channel:
+        stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        index = stub.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=timeout, wait_for_ready=True)
+    return index.models[0].name

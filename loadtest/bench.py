@@ -1,6 +1,7 @@
 """cbam-bench: served throughput and latency of cbam-serve against the in-process ceiling, on this machine.
 
     cbam-bench [--quick] [--json OUT] [--plot OUT.png] [--target HOST:PORT] [--arch NAME --input-size N]
+    cbam-bench --protocol oip --images-per-call 32 [...]   the Open Inference Protocol's ModelInfer instead
     cbam-bench --cbam-cost [--backend B] [--cost-batch-sizes 1,8,32] [--json OUT]
 
 1. The ceiling: the same model, loaded in this process, timed doing nothing but forward passes at batch
@@ -9,6 +10,8 @@
    (`python -m server --port 0 --metrics-port 0 --batching.max_batch_size N`), or the --target one.
 3. For each concurrency (1, 4, 16, 32, 64): that many asyncio tasks sending Classify back to back
    over one channel (uint8 tensors at the model's input size by default), warm-up, then a timed window.
+   With --protocol oip, each call is one ModelInfer holding --images-per-call images as one UINT8
+   tensor (serialised once; the answer's top class only).
 
 Reported per setting and concurrency: throughput (images/s), p50/p95/p99 latency (ms), mean batch size
 (from the server's cbam_batch_size histogram), errors, and efficiency = throughput / ceiling throughput at
@@ -37,7 +40,7 @@ from client import BatchingInfo, Client
 from ._ceiling import CeilingMeter, backend_callable, build_model, configure_threads
 from ._cost import cost_table, measure_cbam_cost
 from ._report import UNITS, describe_machine, evaluate_targets, plot, print_targets, results_table, verdict
-from ._served import LaunchedServer, drive_load
+from ._served import PROTOCOLS, LaunchedServer, drive_load, oip_model_name
 
 __all__ = ["main"]
 
@@ -124,6 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         try:
             batching = _check_served(target, args.arch, input_size)
+            model_name = oip_model_name(target) if args.protocol == "oip" else ""
             max_batch_size = batching.max_batch_size
             measured.add(max_batch_size)
             label = f"{max_batch_size}" + (" (default)" if setting is None and server is not None else "")
@@ -138,6 +142,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     channels=args.channels,
                     metrics_url=metrics_url,
                     images_per_call=args.images_per_call,
+                    protocol=args.protocol,
+                    model_name=model_name,
                 )
                 row = {
                     "setting": label,
@@ -159,7 +165,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         row["ceiling_throughput"] = None if batch is None else ceiling.throughput_at(batch)
         row["efficiency"] = None if batch is None else row["throughput"] / row["ceiling_throughput"]
 
-    call = "Classify" if args.images_per_call == 1 else f"ClassifyBatch of {args.images_per_call} images"
+    if args.protocol == "oip":
+        tensor = "BYTES [N, 1] of PNG" if args.payload == "png" else "UINT8 [N, H, W, 3]"
+        generator = (f"grpc.aio, ModelInfer of {args.images_per_call} images as one {tensor} tensor "
+                     "(serialised once), classification=1")  # fmt: skip
+    else:
+        call = "Classify" if args.images_per_call == 1 else f"ClassifyBatch of {args.images_per_call} images"
+        generator = f"client.AsyncClient, {call}, top_k=1"
     report = {
         "machine": machine,
         "model": {
@@ -172,8 +184,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "payload": f"uint8 tensor {input_size[0]}x{input_size[1]}x3 (random pixels)"
             if args.payload == "tensor"
             else f"PNG of random pixels, {input_size[0]}x{input_size[1]}",
-            "generator": f"client.AsyncClient, {call}, top_k=1, no retries, tasks back to back, in the "
-            "benchmark's own process",
+            "generator": f"{generator}, no retries, tasks back to back, in the benchmark's own process",
+            "protocol": args.protocol,
             "images_per_call": args.images_per_call,
             "channels": args.channels,
             "duration_seconds": duration,
@@ -183,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "units": UNITS,
         "ceiling": ceiling.as_dict(),
         "results": rows,
-        "targets": evaluate_targets(rows, ceiling),
+        "targets": evaluate_targets(rows, ceiling, protocol=args.protocol),
     }
     report["machine"]["load_average_1m_at_end"] = os.getloadavg()[0]
     Console(width=max(Console().width, 100)).print(results_table(rows, ceiling))
@@ -282,8 +294,15 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         metavar="N",
-        help="send N images per ClassifyBatch call instead of one per Classify call (default 1); "
-        "throughput still counts images, latencies are per call",
+        help="send N images per ClassifyBatch call instead of one per Classify call, or per ModelInfer "
+        "with --protocol oip (default 1); throughput still counts images, latencies are per call",
+    )
+    parser.add_argument(
+        "--protocol",
+        choices=PROTOCOLS,
+        default="cbam",
+        help="cbam: cbam.v1 Classify (ClassifyBatch with --images-per-call); oip: the Open Inference "
+        "Protocol's ModelInfer, --images-per-call images as one tensor per call (default cbam)",
     )
     parser.add_argument(
         "--payload",

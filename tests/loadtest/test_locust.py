@@ -10,16 +10,19 @@ RUN = ["--headless", "-u", "4", "-r", "4", "-t", "4s", "--only-summary", "--stop
 
 
 def test_headless_run_reports_every_kind_of_call_and_writes_csv_and_html(live, tmp_path):
+    # Five kinds of call share the run: 8 s, so that each gets some even on a slow machine.
     command = locust(
-        *RUN, "--host", live.address, "--csv", str(tmp_path / "run"), "--html", str(tmp_path / "run.html"),
+        *RUN, "-t", "8s", "--host", live.address,
+        "--csv", str(tmp_path / "run"), "--html", str(tmp_path / "run.html"),
         "--cbam-attention-share", "0.3", "--cbam-stream-share", "0.3", "--cbam-stream-size", "4",
-        "--cbam-batch-share", "0.3", "--cbam-batch-size", "3",
+        "--cbam-batch-share", "0.2", "--cbam-batch-size", "3", "--cbam-oip-share", "0.2",
+        "--cbam-oip-batch-size", "4",
     )  # fmt: skip
     done = subprocess.run(command, cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=90)
     assert done.returncode == 0, done.stdout + done.stderr
     rows = stats(tmp_path / "run")
-    for name in ("Classify", "Classify+attention", "ClassifyStream item", "ClassifyBatch item"):
-        assert int(rows[name]["Request Count"]) > 0, name
+    for name in ("Classify", "Classify+attention", "ClassifyStream item", "ClassifyBatch item", "ModelInfer"):
+        assert name in rows and int(rows[name]["Request Count"]) > 0, (name, sorted(rows))
         assert rows[name]["Type"] == "grpc"
         assert float(rows[name]["Average Content Size"]) > 0
     assert int(rows["Aggregated"]["Failure Count"]) == 0
