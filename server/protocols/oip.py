@@ -55,6 +55,19 @@ def _server_version() -> str:
         return "unknown"
 
 
+def _refusing(method: str):
+    """The servicer method of an RPC this server does not implement: UNIMPLEMENTED, saying why."""
+
+    async def refuse(self: OipServicer, request, context: grpc.aio.ServicerContext):
+        async def handle(request, call: Call):
+            raise Unsupported(f"{method} is not implemented: {_NOT_IMPLEMENTED[method]}")
+
+        return await self._answer(method, request, context, handle)
+
+    refuse.__name__ = refuse.__qualname__ = method
+    return refuse
+
+
 class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     """inference.GRPCInferenceService over an InferencePipeline; ``calls`` does what every RPC shares.
 
@@ -82,38 +95,31 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         )
 
     async def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext):
-        return await self._calls.unary("ServerLive", context, self._live, images=0, probe=True)
+        return await self._answer("ServerLive", request, context, self._live, probe=True)
 
     async def ServerReady(self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext):
-        return await self._calls.unary("ServerReady", context, self._server_ready, images=0, probe=True)
+        return await self._answer("ServerReady", request, context, self._server_ready, probe=True)
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext):
-        ready = self._model_ready
-        return await self._calls.unary("ModelReady", context, lambda c: ready(request), images=0, probe=True)
+        return await self._answer("ModelReady", request, context, self._model_ready, probe=True)
 
     async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext):
-        return await self._calls.unary("ServerMetadata", context, self._server_metadata, images=0)
+        return await self._answer("ServerMetadata", request, context, self._server_metadata)
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext):
-        describe = self._model_metadata
-        return await self._calls.unary("ModelMetadata", context, lambda c: describe(request), images=0)
+        return await self._answer("ModelMetadata", request, context, self._model_metadata)
 
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext):
-        configure = self._model_config
-        return await self._calls.unary("ModelConfig", context, lambda c: configure(request), images=0)
+        return await self._answer("ModelConfig", request, context, self._model_config)
 
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext):
-        stats = self._model_statistics
-        return await self._calls.unary("ModelStatistics", context, lambda c: stats(request), images=0)
+        return await self._answer("ModelStatistics", request, context, self._model_statistics)
 
     async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext):
-        index = self._repository_index
-        return await self._calls.unary("RepositoryIndex", context, lambda c: index(request), images=0)
+        return await self._answer("RepositoryIndex", request, context, self._repository_index)
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext):
-        return await self._calls.unary(
-            "ModelInfer", context, lambda call: self._infer(request, call), images=0
-        )
+        return await self._answer("ModelInfer", request, context, self._infer)
 
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
@@ -125,70 +131,56 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         async for reply in replies:
             yield reply
 
-    async def RepositoryModelLoad(self, request, context):
-        return await self._unimplemented("RepositoryModelLoad", context)
+    # Triton's other extensions: each answers UNIMPLEMENTED, saying why (_NOT_IMPLEMENTED).
+    RepositoryModelLoad = _refusing("RepositoryModelLoad")
+    RepositoryModelUnload = _refusing("RepositoryModelUnload")
+    SystemSharedMemoryStatus = _refusing("SystemSharedMemoryStatus")
+    SystemSharedMemoryRegister = _refusing("SystemSharedMemoryRegister")
+    SystemSharedMemoryUnregister = _refusing("SystemSharedMemoryUnregister")
+    CudaSharedMemoryStatus = _refusing("CudaSharedMemoryStatus")
+    CudaSharedMemoryRegister = _refusing("CudaSharedMemoryRegister")
+    CudaSharedMemoryUnregister = _refusing("CudaSharedMemoryUnregister")
+    TraceSetting = _refusing("TraceSetting")
+    LogSettings = _refusing("LogSettings")
 
-    async def RepositoryModelUnload(self, request, context):
-        return await self._unimplemented("RepositoryModelUnload", context)
+    def _answer(self, method: str, request, context: grpc.aio.ServicerContext, handle, probe: bool = False):
+        """``handle(request, call)`` as one unary call of ``method``; its images, if any, it counts itself."""
+        return self._calls.unary(method, context, lambda call: handle(request, call), images=0, probe=probe)
 
-    async def SystemSharedMemoryStatus(self, request, context):
-        return await self._unimplemented("SystemSharedMemoryStatus", context)
-
-    async def SystemSharedMemoryRegister(self, request, context):
-        return await self._unimplemented("SystemSharedMemoryRegister", context)
-
-    async def SystemSharedMemoryUnregister(self, request, context):
-        return await self._unimplemented("SystemSharedMemoryUnregister", context)
-
-    async def CudaSharedMemoryStatus(self, request, context):
-        return await self._unimplemented("CudaSharedMemoryStatus", context)
-
-    async def CudaSharedMemoryRegister(self, request, context):
-        return await self._unimplemented("CudaSharedMemoryRegister", context)
-
-    async def CudaSharedMemoryUnregister(self, request, context):
-        return await self._unimplemented("CudaSharedMemoryUnregister", context)
-
-    async def TraceSetting(self, request, context):
-        return await self._unimplemented("TraceSetting", context)
-
-    async def LogSettings(self, request, context):
-        return await self._unimplemented("LogSettings", context)
-
-    async def _unimplemented(self, method: str, context: grpc.aio.ServicerContext):
-        async def refuse(call: Call):
-            raise Unsupported(f"{method} is not implemented: {_NOT_IMPLEMENTED[method]}")
-
-        return await self._calls.unary(method, context, refuse, images=0)
-
-    async def _live(self, call: Call) -> pb.ServerLiveResponse:
+    async def _live(self, request: pb.ServerLiveRequest, call: Call) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
 
-    async def _server_ready(self, call: Call) -> pb.ServerReadyResponse:
+    async def _server_ready(self, request: pb.ServerReadyRequest, call: Call) -> pb.ServerReadyResponse:
         return pb.ServerReadyResponse(ready=await self._serving())
 
-    async def _model_ready(self, request: pb.ModelReadyRequest) -> pb.ModelReadyResponse:
+    async def _model_ready(self, request: pb.ModelReadyRequest, call: Call) -> pb.ModelReadyResponse:
         self._identity.check(request.name, request.version)
         return pb.ModelReadyResponse(ready=await self._ready())
 
-    async def _server_metadata(self, call: Call) -> pb.ServerMetadataResponse:
+    async def _server_metadata(
+        self, request: pb.ServerMetadataRequest, call: Call
+    ) -> pb.ServerMetadataResponse:
         return self._server
 
-    async def _model_metadata(self, request: pb.ModelMetadataRequest) -> pb.ModelMetadataResponse:
+    async def _model_metadata(self, request: pb.ModelMetadataRequest, call: Call) -> pb.ModelMetadataResponse:
         self._identity.check(request.name, request.version)
         return self._described().metadata()
 
-    async def _model_config(self, request: pb.ModelConfigRequest) -> pb.ModelConfigResponse:
+    async def _model_config(self, request: pb.ModelConfigRequest, call: Call) -> pb.ModelConfigResponse:
         self._identity.check(request.name, request.version)
         return self._described().config()
 
-    async def _model_statistics(self, request: pb.ModelStatisticsRequest) -> pb.ModelStatisticsResponse:
+    async def _model_statistics(
+        self, request: pb.ModelStatisticsRequest, call: Call
+    ) -> pb.ModelStatisticsResponse:
         if request.name or request.version:  # empty: every model (version)
             self._identity.check(request.name, request.version)
         stats = self._described().statistics(self._metrics.totals(INFERENCE_METHODS))
         return pb.ModelStatisticsResponse(model_stats=[stats])
 
-    async def _repository_index(self, request: pb.RepositoryIndexRequest) -> pb.RepositoryIndexResponse:
+    async def _repository_index(
+        self, request: pb.RepositoryIndexRequest, call: Call
+    ) -> pb.RepositoryIndexResponse:
         ready = await self._ready()
         response = pb.RepositoryIndexResponse()
         if ready or not request.ready:

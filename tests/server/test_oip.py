@@ -94,6 +94,14 @@ def output(response: pb.ModelInferResponse, name: str, dtype: str = "<f4") -> np
     raise KeyError(name)
 
 
+async def hold_the_model(stub: Stub, gate) -> asyncio.Future:
+    """One ModelInfer computing behind the closed gate, so that what comes next queues."""
+    gate.close()
+    first = asyncio.ensure_future(stub.ModelInfer(infer_request(pixels(1))))
+    await gate.wait_entered()
+    return first
+
+
 async def classify_probabilities(server: InferenceServer, images: np.ndarray) -> np.ndarray:
     """cbam.v1 Classify of each image (uint8 tensor), every class's probability: N x 10."""
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
@@ -378,9 +386,7 @@ async def test_undecodable_request_bytes_are_invalid_argument(make_server) -> No
 async def test_a_request_joins_cbam_v1_traffic_in_one_batch(make_server, oip, connect, gate) -> None:
     server = await make_server("--batching.max_batch_size", "8", "--batching.max_batch_delay_ms", "0")
     stub, v1_stub = oip(server), connect(server)
-    gate.close()
-    blocker = asyncio.ensure_future(stub.ModelInfer(infer_request(pixels(1))))
-    await gate.wait_entered()  # the inference thread is busy: what comes now queues
+    blocker = await hold_the_model(stub, gate)
     tensor = v1.Tensor(dtype=v1.Tensor.DTYPE_UINT8, shape=[32, 32, 3], data=pixels(1, 9).tobytes())
     classify = asyncio.ensure_future(v1_stub.Classify(v1.ClassifyRequest(tensor=tensor)))
     batched = asyncio.ensure_future(stub.ModelInfer(infer_request(pixels(3, 1))))
@@ -407,9 +413,7 @@ async def test_a_large_request_is_split_at_max_batch_size_and_answered_in_order(
 async def test_deadline_and_timeout_parameter_expire_in_the_queue(make_server, oip, gate) -> None:
     server = await make_server("--batching.max_batch_size", "1", "--batching.max_batch_delay_ms", "0")
     stub = oip(server)
-    gate.close()
-    first = asyncio.ensure_future(stub.ModelInfer(infer_request(pixels(1))))
-    await gate.wait_entered()
+    first = await hold_the_model(stub, gate)
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await stub.ModelInfer(infer_request(pixels(2)), timeout=0.3)
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -432,9 +436,7 @@ async def test_deadline_and_timeout_parameter_expire_in_the_queue(make_server, o
 async def test_cancelled_request_is_not_computed(make_server, oip, gate) -> None:
     server = await make_server("--batching.max_batch_size", "1", "--batching.max_batch_delay_ms", "0")
     stub = oip(server)
-    gate.close()
-    first = asyncio.ensure_future(stub.ModelInfer(infer_request(pixels(1))))
-    await gate.wait_entered()
+    first = await hold_the_model(stub, gate)
     call = stub.ModelInfer(infer_request(pixels(3)))
     await eventually(lambda: server.pipeline.batcher.depth == 3)
     call.cancel()
@@ -450,9 +452,7 @@ async def test_cancelled_request_is_not_computed(make_server, oip, gate) -> None
 async def test_a_batch_the_queue_cannot_hold_is_refused_whole(make_server, oip, gate) -> None:
     server = await make_server("--batching.max_batch_size", "1", "--batching.max_queue", "4")
     stub = oip(server)
-    gate.close()
-    first = asyncio.ensure_future(stub.ModelInfer(infer_request(pixels(1))))
-    await gate.wait_entered()
+    first = await hold_the_model(stub, gate)
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await stub.ModelInfer(infer_request(pixels(5)))
     assert (
