@@ -24,6 +24,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -110,6 +111,38 @@ class TensorPrediction:
     maps: dict[str, dict[str, torch.Tensor]]
 
 
+class _Chunk(NamedTuple):
+    """A TensorQuery's images in the batcher: one item of len(images) units, split where a batch ends.
+    It comes back as a TensorPrediction of its rows, computed in the inference thread."""
+
+    item: BatchItem  # N images: uint8 N x H x W x 3 or normalised float32 N x 3 x H x W
+    top_k: int
+    probabilities: bool
+
+    def split(self, count: int) -> tuple[_Chunk, _Chunk]:
+        head, tail = self.item.tensor[:count], self.item.tensor[count:]
+        return (self._replace(item=BatchItem(head, self.item.blocks)),
+                self._replace(item=BatchItem(tail, self.item.blocks)))  # fmt: skip
+
+
+def _units(work: _Work | _Chunk) -> int:
+    return len(work.item.tensor) if isinstance(work, _Chunk) else 1
+
+
+def _join(parts: list[TensorPrediction]) -> TensorPrediction:
+    """The predictions of a chunk's parts, in order, as one."""
+    first = parts[0]
+    top = None if first.top_k is None else tuple(torch.cat([p.top_k[i] for p in parts]) for i in (0, 1))
+    return TensorPrediction(
+        probabilities=None if first.probabilities is None else torch.cat([p.probabilities for p in parts]),
+        top_k=top,  # type: ignore[arg-type]
+        maps={
+            block: {kind: torch.cat([p.maps[block][kind] for p in parts]) for kind in kinds}
+            for block, kinds in first.maps.items()
+        },
+    )
+
+
 class InferencePipeline:
     """Classifies queries with ``runner``, batching concurrent ones. ``start()`` it on the event loop."""
 
@@ -130,12 +163,15 @@ class InferencePipeline:
         self._inference_pool = ThreadPoolExecutor(1, thread_name_prefix="inference")
         # block -> kind -> map shape without the batch dimension; known once warm_up() measured them.
         self.attention_shapes: dict[str, dict[str, tuple[int, ...]]] | None = None
-        self.batcher: DynamicBatcher[_Work, _Done] = DynamicBatcher(
+        self.batcher: DynamicBatcher[_Work | _Chunk, _Done | TensorPrediction] = DynamicBatcher(
             self._run_batch,
             max_batch_size=settings.batching.max_batch_size,
             max_batch_delay_s=settings.batching.max_batch_delay_ms / 1000.0,
             max_queue=settings.batching.max_queue,
             metrics=metrics,
+            size=_units,
+            split=lambda chunk, count: chunk.split(count),
+            join=_join,
         )
 
     def start(self) -> None:
@@ -248,8 +284,9 @@ class InferencePipeline:
 
     async def classify_tensor(self, query: TensorQuery, deadline: float | None = None) -> TensorPrediction:
         """Classify a batch held as one tensor (or a list of files): all its images or, raising the
-        first failure, none. Its images join the same dynamic batches as every other caller's (split
-        at max_batch_size) and come back in order."""
+        first failure, none. It is queued as one item of N images, which joins the same dynamic
+        batches as every other caller's (split where a batch is full) and comes back in order; its
+        probabilities, top-k and maps are computed for each batch at once, in the inference thread."""
         count = len(query.images)
         if query.top_k > len(self.description.labels):
             raise InvalidInput(f"top_k: {query.top_k} is more than the model's "
@@ -261,30 +298,11 @@ class InferencePipeline:
         self.batcher.check_room(count)
         with self._preprocess_stage.time():
             if isinstance(query.images, torch.Tensor):
-                pixels = query.images
+                images = query.images
             else:
-                pixels = torch.stack(await self._decode_all(query.images))
-        futures = self.batcher.submit_many([(BatchItem(image, blocks), 1) for image in pixels], deadline)
-        try:
-            done = [await future for future in futures]
-        except BaseException:  # a failed image fails the query: drop what it still has queued
-            for future in futures:
-                future.cancel()
-            raise
-        with self._postprocess_stage.time():
-            logits = torch.stack([output.logits for _, output in (b.value for b in done)])
-            probabilities = torch.softmax(logits.float(), dim=-1)
-            top = torch.topk(probabilities, query.top_k) if query.top_k else None
-            maps = {
-                block: {kind: torch.stack([b.value[1].maps[block][kind] for b in done]) for kind in kinds}
-                for block, kinds in (self.attention_shapes or {}).items()
-                if blocks is not None and block in blocks
-            }
-        return TensorPrediction(
-            probabilities=probabilities if query.probabilities else None,
-            top_k=None if top is None else (top.values, top.indices),
-            maps=maps,
-        )
+                images = torch.stack(await self._decode_all(query.images))
+        chunk = _Chunk(BatchItem(images, blocks), query.top_k, query.probabilities)
+        return (await self.batcher.submit(chunk, deadline)).value  # type: ignore[return-value]
 
     async def _decode_all(self, files: Sequence[bytes]) -> list[torch.Tensor]:
         """Decode and resize every file in the preprocessing threads; the first bad one is raised,
@@ -336,17 +354,61 @@ class InferencePipeline:
             ),
         )
 
-    async def _run_batch(self, work: list[_Work]) -> list[_Done]:
+    async def _run_batch(self, work: list[_Work | _Chunk]) -> list[_Done | TensorPrediction]:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._inference_pool, self._predict, work)
 
-    def _predict(self, work: list[_Work]) -> list[_Done]:
-        """In the inference thread: the forward, then every row's labels in one go (not per request
-        on the event loop, where two small torch calls per request cost as much as the rest)."""
-        outputs = self._runner.run_batch([item for item, _ in work])
-        logits = torch.stack([output.logits for output in outputs])
-        labels = top_k_rows(logits, self.description.labels, [k for _, k in work])
-        return list(zip(labels, outputs, strict=True))
+    def _predict(self, work: list[_Work | _Chunk]) -> list[_Done | TensorPrediction]:
+        """In the inference thread: the forward, then every image's labels in one go (not per request
+        on the event loop, where two small torch calls per request cost as much as the rest), and
+        each chunk's rows."""
+        outputs = self._run_items([w.item if isinstance(w, _Chunk) else w[0] for w in work])
+        singles = [i for i, w in enumerate(work) if not isinstance(w, _Chunk)]
+        labels = iter(())
+        if singles:
+            logits = torch.stack([outputs[i].logits for i in singles])
+            labels = iter(top_k_rows(logits, self.description.labels, [work[i][1] for i in singles]))
+        done: list[_Done | TensorPrediction] = []
+        for w, output in zip(work, outputs, strict=True):
+            done.append(self._rows(w, output) if isinstance(w, _Chunk) else (next(labels), output))
+        return done
+
+    def _run_items(self, items: list[BatchItem]) -> list[ItemOutput]:
+        """run_batch over images and chunks. INTERIM, until the runner assembles a chunk itself: a
+        chunk's rows go in as images of their own (a loop per image, in this thread) and their
+        outputs are stacked back."""
+        flat: list[BatchItem] = []
+        for item in items:
+            chunk = item.tensor.dim() == 4
+            flat.extend([BatchItem(t, item.blocks) for t in item.tensor] if chunk else [item])
+        outputs = iter(self._runner.run_batch(flat))
+        gathered = []
+        for item in items:
+            if item.tensor.dim() != 4:
+                gathered.append(next(outputs))
+                continue
+            rows = [next(outputs) for _ in range(len(item.tensor))]
+            maps = {
+                block: {kind: None if t is None else torch.stack([r.maps[block][kind] for r in rows])
+                        for kind, t in kinds.items()}
+                for block, kinds in rows[0].maps.items()
+            }  # fmt: skip
+            gathered.append(ItemOutput(torch.stack([r.logits for r in rows]), maps))
+        return gathered
+
+    def _rows(self, chunk: _Chunk, output: ItemOutput) -> TensorPrediction:
+        """What a chunk asked for, from its rows of the batch's output."""
+        with self._postprocess_stage.time():
+            probabilities = torch.softmax(output.logits.float(), dim=-1)
+            top = torch.topk(probabilities, chunk.top_k) if chunk.top_k else None
+            return TensorPrediction(
+                probabilities=probabilities if chunk.probabilities else None,
+                top_k=None if top is None else (top.values, top.indices),
+                maps={
+                    block: {kind: t for kind, t in kinds.items() if t is not None}
+                    for block, kinds in output.maps.items()
+                },
+            )
 
     def _top_k(self, requested: int) -> int:
         classes = len(self.description.labels)
