@@ -68,7 +68,8 @@ def attention_figure(
     every block the prediction has maps for). Every spatial map shares one colour scale (`cmap`, any
     matplotlib colour map name), from `value_range` or else from the lowest to the highest value shown.
     Save it with `figure.savefig("out.png")` (or .svg, .pdf). Raises ValueError for a block or colour
-    map it does not know, or a prediction without attention; ImportError without matplotlib.
+    map it does not know, an empty value_range, or a prediction without attention; ImportError without
+    matplotlib.
     """
     require_matplotlib()
     from matplotlib.cm import ScalarMappable
@@ -79,6 +80,8 @@ def attention_figure(
     names = _chosen_blocks(prediction, blocks)
     spatial = {b: prediction.attention[b]["spatial"] for b in names if "spatial" in prediction.attention[b]}
     low, high = value_range if value_range is not None else shared_range(spatial.values())
+    if not low < high:
+        raise ValueError(f"value_range should be (low, high) with low < high, got {value_range}")
     picture = open_image(image)
     shown = _display_size(picture, short=256, long=512)
 

@@ -69,6 +69,8 @@ def test_blocks_and_colour_map_are_chosen_and_checked():
         attention_figure(prediction(), digit(), blocks=["layer9"])
     with pytest.raises(ValueError, match="unknown colour map 'no-such-map'"):
         attention_figure(prediction(), digit(), cmap="no-such-map")
+    with pytest.raises(ValueError, match=r"value_range should be \(low, high\) with low < high, got"):
+        attention_figure(prediction(), digit(), value_range=(1, 1))
     with pytest.raises(ValueError, match="no attention maps: classify with attention='both'"):
         attention_figure(Prediction("0", [LabelScore(1, "one", 1.0)]), digit())
 
