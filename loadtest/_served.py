@@ -5,20 +5,18 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
-import multiprocessing
 import subprocess
 import sys
 import threading
 import time
 import urllib.request
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from client import AsyncClient, CbamError, RetryPolicy
 
-__all__ = ["LaunchedServer", "LoadProcesses", "LoadResult", "drive_load", "scrape_batch_size"]
+__all__ = ["LaunchedServer", "LoadResult", "drive_load", "scrape_batch_size"]
 
 
 class LaunchedServer:
@@ -46,7 +44,6 @@ class LaunchedServer:
         self.startup_timeout = startup_timeout
         self.port: int | None = None
         self.metrics_port: int | None = None
-        self.startup_seconds: float | None = None  # from starting the process to its "serving" line
         self._tail: collections.deque[str] = collections.deque(maxlen=40)
         self._process: subprocess.Popen | None = None
 
@@ -66,7 +63,6 @@ class LaunchedServer:
         self.stop()
 
     def start(self) -> None:
-        started = time.monotonic()
         self._process = subprocess.Popen(
             self.args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
         )
@@ -78,7 +74,6 @@ class LaunchedServer:
                 self.stop()
                 tail = "\n".join(self._tail)
                 raise RuntimeError(f"cbam-serve did not start ({' '.join(self.args[1:])}):\n{tail}")
-        self.startup_seconds = time.monotonic() - started
 
     def _read_log(self, found: threading.Event) -> None:
         for line in self._process.stderr:
@@ -145,19 +140,6 @@ class LoadResult:
                 self.latencies.append(finished - started)
                 self.batch_sizes.extend(batch_sizes)
 
-    @classmethod
-    def merged(cls, results: list[LoadResult]) -> LoadResult:
-        """One result of several generators that ran over the same window (LoadProcesses)."""
-        merged = cls(sum(r.concurrency for r in results), results[0].seconds, results[0].images_per_call)
-        for r in results:
-            merged.completed_calls += r.completed_calls
-            merged.latencies.extend(r.latencies)
-            merged.batch_sizes.extend(r.batch_sizes)
-            merged.errors.update(r.errors)
-        scraped = [r.mean_batch_size_metrics for r in results if r.mean_batch_size_metrics is not None]
-        merged.mean_batch_size_metrics = scraped[0] if scraped else None
-        return merged
-
     def summary(self) -> dict:
         """The figures of the window; latencies and batch size are None when no call finished in it."""
         p50 = p95 = p99 = per_request = None
@@ -191,7 +173,6 @@ async def drive_load(
     timeout: float = 60.0,
     metrics_url: str | None = None,
     images_per_call: int = 1,
-    window_start: float | None = None,
 ) -> LoadResult:
     """`concurrency` tasks, each sending `image` (a uint8 H x W x 3 array, or PNG bytes) by Classify back
     to back over `channels` channels, for warm-up and then `seconds` of measurement; with
@@ -199,8 +180,7 @@ async def drive_load(
     error counts (a failed image in a batch call counts as its call's error).
 
     Throughput counts the calls that finish inside the measuring window, latencies those that also
-    start in it; the batch-size histogram is read at the window's two edges. The window begins after
-    `warmup_seconds`, or at `window_start` (a time.time()) when generators in several processes share it.
+    start in it; the batch-size histogram is read at the window's two edges.
     """
     # A local subchannel pool gives each channel its own connection, instead of gRPC sharing one.
     clients = [
@@ -212,7 +192,7 @@ async def drive_load(
     result = LoadResult(concurrency, seconds, images_per_call)
     batch = [image] * images_per_call
     loop = asyncio.get_running_loop()
-    start = time.perf_counter() + (warmup_seconds if window_start is None else window_start - time.time())
+    start = time.perf_counter() + warmup_seconds
     end = start + seconds
 
     async def caller(client: AsyncClient) -> None:
@@ -245,77 +225,3 @@ async def drive_load(
     if before is not None and after is not None and after[1] > before[1]:
         result.mean_batch_size_metrics = (after[0] - before[0]) / (after[1] - before[1])
     return result
-
-
-def _drive_in_process(target: str, image: np.ndarray | bytes, kwargs: dict) -> LoadResult:
-    return asyncio.run(drive_load(target, image, **kwargs))
-
-
-def _ready() -> None:
-    """Nothing much: a task that makes the pool start one more process."""
-    time.sleep(0.2)
-
-
-class LoadProcesses:
-    """`drive_load` spread over `processes` processes, so the load generator is not one Python core.
-
-    The processes start once (spawned: no torch or CUDA state is inherited) and serve every load point.
-    A point's callers are shared out among them; all measure one window, whose start they are given as
-    a wall-clock time, and their results are merged (only the first one scrapes /metrics).
-
-        with LoadProcesses(4) as load:
-            result = load.drive(target, image, concurrency=128, seconds=2, warmup_seconds=0.5)
-    """
-
-    def __init__(self, processes: int) -> None:
-        if processes < 1:
-            raise ValueError(f"processes should be >= 1, got {processes}")
-        self.processes = processes
-        self._pool: ProcessPoolExecutor | None = None
-
-    def __enter__(self) -> LoadProcesses:
-        self._pool = ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("spawn"))
-        # Submitted together, these start every process now rather than in the first measured window.
-        for future in [self._pool.submit(_ready) for _ in range(self.processes)]:
-            future.result()
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(cancel_futures=True)
-            self._pool = None
-
-    def drive(
-        self,
-        target: str,
-        image: np.ndarray | bytes,
-        *,
-        concurrency: int,
-        seconds: float,
-        warmup_seconds: float,
-        metrics_url: str | None = None,
-        **kwargs,
-    ) -> LoadResult:
-        """`drive_load` with these arguments, its callers shared out among the processes."""
-        if self._pool is None:
-            raise RuntimeError("use LoadProcesses as a context manager: `with LoadProcesses(n) as load:`")
-        parts = min(self.processes, concurrency)
-        shares = [concurrency // parts + (1 if i < concurrency % parts else 0) for i in range(parts)]
-        window_start = time.time() + warmup_seconds
-        futures = [
-            self._pool.submit(
-                _drive_in_process,
-                target,
-                image,
-                {
-                    **kwargs,
-                    "concurrency": share,
-                    "seconds": seconds,
-                    "warmup_seconds": warmup_seconds,
-                    "window_start": window_start,
-                    "metrics_url": metrics_url if i == 0 else None,
-                },
-            )
-            for i, share in enumerate(shares)
-        ]
-        return LoadResult.merged([future.result() for future in futures])
