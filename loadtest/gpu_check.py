@@ -25,24 +25,19 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import os
-import shutil
-import subprocess
 import sys
 import time
 import traceback
-import urllib.request
-import xml.etree.ElementTree as ElementTree
 from collections.abc import Iterator, Sequence
-from importlib import import_module, metadata
-from importlib.util import find_spec
 from pathlib import Path
 
 # No torch at import: the load-generator processes spawned from here import this module again.
+from ._cuda_tests import check_tests, run_cuda_tests, tests_line
+from ._environment import describe_environment, no_cuda
+from ._gpu_measure import measure_in_process, release_device_memory, serve_and_load
 from ._processes import LoadProcesses
-from ._served import LaunchedServer
 
-__all__ = ["main", "run_cuda_tests"]
+__all__ = ["main"]
 
 ROOT = Path(__file__).resolve().parents[1]
 REPORT_FILE = "gpu_check.json"
@@ -51,28 +46,6 @@ EXIT_FAILED = 1
 EXIT_NO_CUDA = 2
 SATURATION_TARGET = 0.90  # served / in-process ceiling with uint8 input, at the best concurrency
 BATCH1_OVERHEAD_TARGET_MS = 1.0  # served p50 at concurrency 1 minus the bare batch-1 forward
-CUDA_GAUGES = ("cbam_cuda_memory_allocated_bytes", "cbam_cuda_memory_reserved_bytes")
-# import name -> distribution: what the report lists, with version and where it was imported from
-PACKAGES = {
-    "torch": "torch",
-    "grpc": "grpcio",
-    "google.protobuf": "protobuf",
-    "grpc_health": "grpcio-health-checking",
-    "grpc_reflection": "grpcio-reflection",
-    "pydantic": "pydantic",
-    "pydantic_core": "pydantic-core",
-    "pydantic_settings": "pydantic-settings",
-    "prometheus_client": "prometheus-client",
-    "numpy": "numpy",
-    "PIL": "pillow",
-    "safetensors": "safetensors",
-    "yaml": "PyYAML",
-    "onnx": "onnx",
-    "onnxscript": "onnxscript",
-    "onnxruntime": "onnxruntime",
-    "pytest": "pytest",
-    "pytest_asyncio": "pytest-asyncio",
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,6 +124,10 @@ class Case:
     def name(self) -> str:
         batching = "" if self.max_batch_size is None else f" max_batch_size {self.max_batch_size}"
         return f"{self.model} {self.dtype} {self.backend}{batching}"
+
+    def record(self) -> dict:
+        """The start of this case's entry in the report."""
+        return {"case": self.name, "model": self.model, "dtype": self.dtype, "backend": self.backend}
 
     def flags(self, device: str) -> list[str]:
         flags = ["--model.device", device, "--model.dtype", self.dtype, "--model.backend", self.backend]
@@ -255,7 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     with report.step("environment"):
         report.data["environment"] = describe_environment(with_onnxruntime="onnxruntime" in plan.backends)
-    if plan.device == "cuda" and (message := _no_cuda()) is not None:
+    if plan.device == "cuda" and (message := no_cuda()) is not None:
         report.data["failures"].append({"step": "cuda", "message": message})
         report.finish()
         print(f"gpu-check: {message}\ngpu-check: wrote {report.path}", file=sys.stderr)
@@ -267,8 +244,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         with report.step("tests") as record:
             timeout = min(plan.tests_timeout, max(10.0, deadline - time.monotonic()))
             report.data["tests"] = run_cuda_tests(out / TESTS_FILE, plan.device == "cuda", timeout)
-            record["summary"] = _tests_line(report.data["tests"])
-            _check_tests(report.data["tests"], plan.device == "cuda")
+            record["summary"] = tests_line(report.data["tests"])
+            check_tests(report.data["tests"], plan.device == "cuda")
 
     ceilings: dict[tuple[str, str], dict] = {}
     for arch in (plan.arch, None):  # the target model first: a run short of time keeps it
@@ -278,8 +255,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 report.skip(name, "the run's time budget is spent")
                 continue
             with report.step(name):
-                ceilings[(arch or "default", dtype)] = measure_in_process(arch, dtype, plan, report)
-            _release_device_memory()
+                found = measure_in_process(
+                    arch, dtype, device=plan.device, ceiling_sizes=plan.ceiling_sizes,
+                    attention_sizes=plan.attention_sizes, seconds=plan.ceiling_seconds,
+                )  # fmt: skip
+                ceilings[(arch or "default", dtype)] = found
+                report.data["ceilings"] += found["ceilings"]
+                report.data["attention"].append(found["attention"])
+            release_device_memory()
 
     with contextlib.ExitStack() as stack:
         load = None
@@ -291,7 +274,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             if load is None:
                 load = stack.enter_context(LoadProcesses(plan.load_processes))
             with report.step(f"served {case.name}"):
-                serve_and_load(case, plan, ceilings, load, report, deadline)
+                record = case.record()
+                report.data["served"].append(record)
+                serve_and_load(
+                    record, case.flags(plan.device), device=plan.device, dtype=case.dtype,
+                    concurrency=plan.concurrency, duration=plan.duration, warmup=plan.warmup,
+                    ceiling=ceilings.get((case.model, case.dtype), {}).get("uint8"), load=load,
+                    startup_timeout=max(30.0, deadline - time.monotonic() - 10),
+                )  # fmt: skip
 
     with report.step("targets"):
         report.data["targets"] = judge_targets(plan, report.data["served"], ceilings)
@@ -299,211 +289,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     _print_summary(report.data)
     print(f"gpu-check: wrote {report.path}", file=sys.stderr)
     return 0 if ok else EXIT_FAILED
-
-
-def describe_environment(with_onnxruntime: bool = True) -> dict:
-    """Versions and places of everything the check runs on, and whether the stubs import (the code
-    generated from proto/ checks protobuf's and grpcio's versions as it loads). Packages are found, not
-    imported (onnxscript alone takes seconds), except onnxruntime, for its providers, when it is used."""
-    import torch
-
-    from ._report import describe_machine
-
-    cuda: dict = {"available": torch.cuda.is_available(), "torch_cuda": torch.version.cuda}
-    if cuda["available"]:
-        cuda["cudnn"] = torch.backends.cudnn.version()
-        cuda["devices"] = []
-        for index in range(torch.cuda.device_count()):
-            p = torch.cuda.get_device_properties(index)
-            cuda["devices"].append({
-                "name": p.name,
-                "capability": f"{p.major}.{p.minor}",
-                "memory_gib": round(p.total_memory / 2**30, 1),
-                "multiprocessors": p.multi_processor_count,
-            })  # fmt: skip
-    smi = shutil.which("nvidia-smi")
-    if smi:
-        query = "--query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem"
-        done = subprocess.run(
-            [smi, query, "--format=csv,noheader"], capture_output=True, text=True, timeout=30
-        )
-        cuda["nvidia_smi"] = (done.stdout or done.stderr).strip()
-    packages = {name: _package(name, dist) for name, dist in PACKAGES.items()}
-    if with_onnxruntime and "version" in packages["onnxruntime"]:
-        packages["onnxruntime"]["providers"] = import_module("onnxruntime").get_available_providers()
-    try:
-        import_module("cbam.v1.inference_pb2")
-        import_module("cbam.v1.inference_pb2_grpc")
-        stubs = "ok"
-    except Exception as exc:
-        stubs = f"{type(exc).__name__}: {exc}"
-    return {
-        "machine": describe_machine(),
-        "python": sys.version.split()[0],
-        "executable": sys.executable,
-        "cuda": cuda,
-        "packages": packages,
-        "stubs_import": stubs,
-    }
-
-
-def _package(name: str, distribution: str) -> dict:
-    """Version and folder of what `import name` would load (both follow sys.path, PYTHONPATH first)."""
-    try:
-        spec = find_spec(name)
-        version = metadata.version(distribution)
-    except (ImportError, ValueError, metadata.PackageNotFoundError) as exc:
-        return {"missing": f"{type(exc).__name__}: {exc}"}
-    if spec is None:
-        return {"missing": f"no module named {name!r}"}
-    if spec.origin and spec.origin != "namespace":
-        where = str(Path(spec.origin).parent)  # a package's folder, or the folder of a one-file module
-    else:
-        where = next(iter(spec.submodule_search_locations or []), None)
-    return {"version": version, "from": where}
-
-
-def _no_cuda() -> str | None:
-    """None when CUDA is usable, else why not."""
-    import torch
-
-    if torch.cuda.is_available():
-        return None
-    build = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
-    return (
-        f"CUDA asked for, but torch {torch.__version__} ({build}) sees no CUDA device "
-        f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); "
-        "nothing was measured. On a machine without a GPU, run the CPU dry run: --dry-run"
-    )
-
-
-def run_cuda_tests(junit: Path, require_cuda: bool, timeout: float) -> dict:
-    """pytest tests/cuda -m cuda in a subprocess; its counts and failures, from its JUnit XML."""
-    junit.unlink(missing_ok=True)
-    command = [sys.executable, "-m", "pytest", "tests/cuda", "-m", "cuda", "-q", "-p", "no:cacheprovider"]
-    command += [f"--junitxml={junit}"] + (["--require-cuda"] if require_cuda else [])
-    try:
-        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-        exit_code, output = done.returncode, done.stdout + done.stderr
-    except subprocess.TimeoutExpired as exc:
-        exit_code, output = None, f"timed out after {timeout:.0f} s\n{exc.stdout or ''}"
-    result = {"command": " ".join(command[1:]), "exit_code": exit_code, "output_tail": output[-4000:]}
-    if junit.exists():
-        result.update(_junit_summary(junit))
-    return result
-
-
-def _junit_summary(path: Path) -> dict:
-    root = ElementTree.parse(path).getroot()
-    suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
-    counts = {
-        key: sum(int(s.get(key, 0)) for s in suites) for key in ("tests", "failures", "errors", "skipped")
-    }
-    problems, skips = [], set()
-    for case in root.iter("testcase"):
-        test = f"{case.get('classname')}::{case.get('name')}"
-        for kind in ("failure", "error"):
-            node = case.find(kind)
-            if node is not None:
-                problems.append({"test": test, "kind": kind, "message": (node.get("message") or "")[:1500]})
-        node = case.find("skipped")
-        if node is not None:
-            skips.add((node.get("message") or "")[:300])
-    passed = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
-    return {**counts, "passed": passed, "problems": problems, "skip_reasons": sorted(skips)}
-
-
-def _tests_line(tests: dict) -> str:
-    if "tests" not in tests:
-        return f"pytest exited {tests['exit_code']} with no report"
-    return (
-        f"{tests['passed']} passed, {tests['failures']} failed, {tests['errors']} errors, "
-        f"{tests['skipped']} skipped"
-    )
-
-
-def _check_tests(tests: dict, require_cuda: bool) -> None:
-    if tests["exit_code"] != 0:
-        names = ", ".join(p["test"].rsplit("::", 1)[-1] for p in tests.get("problems", []))
-        raise RuntimeError(
-            f"pytest exited {tests['exit_code']} ({_tests_line(tests)}): {names or 'see output_tail'}"
-        )
-    if require_cuda and not tests.get("passed"):
-        raise RuntimeError("no test marked cuda ran")
-
-
-def measure_in_process(arch: str | None, dtype: str, plan: Plan, report: Report) -> dict:
-    """The ceilings (bare forward; run_batch from uint8) and the attention-map cost, in this process."""
-    import torch
-
-    from server.config import ModelSettings
-    from server.runner import BatchItem, ModelRunner, configure_malloc
-
-    from ._ceiling import CeilingMeter, make_inputs
-
-    configure_malloc()  # as the server does
-    sizes = sorted(set(plan.ceiling_sizes) | set(plan.attention_sizes))
-    settings = ModelSettings(arch=arch, device=plan.device, dtype=dtype)
-    runner = ModelRunner.from_settings(settings, max_batch_size=max(sizes))
-    device, input_size = runner.device, runner.description.input_size
-
-    def forward(x: torch.Tensor) -> None:
-        runner.model(x)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)  # the forward is asynchronous: time it to the end
-
-    floats = {
-        size: x.to(device=device, dtype=runner.dtype)
-        for size, x in make_inputs(input_size, plan.ceiling_sizes).items()
-    }
-    pixels = torch.randint(0, 256, (max(sizes), *input_size, 3), dtype=torch.uint8)
-    blocks = frozenset(runner.description.attention_blocks)
-    meters = {
-        "forward": CeilingMeter(forward, input_size, (), plan.ceiling_seconds, inputs=floats),
-        "uint8": CeilingMeter(
-            runner.run_batch, input_size, (), plan.ceiling_seconds,
-            inputs={size: [BatchItem(p) for p in pixels[:size]] for size in sizes},
-        ),
-        "maps": CeilingMeter(
-            runner.run_batch, input_size, (), plan.ceiling_seconds,
-            inputs={size: [BatchItem(p, blocks) for p in pixels[:size]] for size in plan.attention_sizes},
-        ),
-    }  # fmt: skip
-    for _ in range(2):  # two rounds, interleaved, so a slow spell falls on every meter
-        for meter in meters.values():
-            meter.round()
-    results = {kind: meter.result() for kind, meter in meters.items()}
-    model = arch or "default"
-    for kind, label in (("forward", "float batch on the device, forward only"),
-                        ("uint8", "uint8 pixels through ModelRunner.run_batch")):  # fmt: skip
-        report.data["ceilings"].append({
-            "model": model, "dtype": dtype, "device": str(device), "input_size": list(input_size),
-            "input": label, "kind": kind, **results[kind].as_dict(),
-        })  # fmt: skip
-    without, with_maps = results["uint8"], results["maps"]
-    report.data["attention"].append({
-        "model": model, "dtype": dtype, "blocks": len(blocks),
-        "by_batch_size": {
-            str(size): {
-                "without_maps_ms": without.latency_ms[size],
-                "with_maps_ms": with_maps.latency_ms[size],
-                "ratio": with_maps.latency_ms[size] / without.latency_ms[size],
-            }
-            for size in plan.attention_sizes
-        },
-    })  # fmt: skip
-    return {"forward": results["forward"], "uint8": results["uint8"]}
-
-
-def _release_device_memory() -> None:
-    """Give back what the in-process runners held, so the servers started next get the device."""
-    import gc
-
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def _why_not(case: Case, plan: Plan, environment: dict, deadline: float) -> str | None:
@@ -530,93 +315,6 @@ def _why_not(case: Case, plan: Plan, environment: dict, deadline: float) -> str 
         )
         return f"the run's time budget is spent ({left:.0f} s left, about {needed:.0f} s needed){alone}"
     return None
-
-
-def serve_and_load(
-    case: Case, plan: Plan, ceilings: dict, load: LoadProcesses, report: Report, deadline: float
-) -> None:
-    """Start cbam-serve for `case`, drive each concurrency, read its CUDA memory; raise on any error."""
-    import numpy as np
-
-    from client import Client
-
-    record: dict = {"case": case.name, "model": case.model, "dtype": case.dtype, "backend": case.backend}
-    report.data["served"].append(record)
-    server = LaunchedServer(
-        case.flags(plan.device), startup_timeout=max(30.0, deadline - time.monotonic() - 10)
-    )
-    record["flags"] = server.args[3:]
-    started = time.monotonic()
-    try:
-        server.start()
-    except RuntimeError as exc:
-        raise RuntimeError(
-            f"not SERVING within {server.startup_timeout:.0f} s, or it exited: {exc}"
-        ) from None
-    try:
-        record["time_to_serving_s"] = time.monotonic() - started
-        with Client(server.target, timeout=60) as client:
-            info = client.model_info()
-        record.update(served_device=info.device, served_dtype=info.dtype)
-        record["max_batch_size"] = info.batching.max_batch_size
-        if info.dtype != case.dtype or not info.device.startswith(plan.device):
-            raise RuntimeError(
-                f"asked for {plan.device} {case.dtype}, the server runs {info.device} {info.dtype}"
-            )
-        ceiling = ceilings.get((case.model, case.dtype), {}).get("uint8")
-        record["ceiling"] = (
-            None if ceiling is None else "in-process, eager, same model and dtype, uint8 input"
-        )
-        image = np.random.default_rng(0).integers(0, 256, (*info.input_size, 3), dtype=np.uint8)
-        rows = record["rows"] = []
-        for concurrency in plan.concurrency:
-            result = load.drive(
-                server.target, image, concurrency=concurrency, seconds=plan.duration,
-                warmup_seconds=plan.warmup, metrics_url=server.metrics_url,
-            )  # fmt: skip
-            rows.append(_row(result.summary(), ceiling, record["max_batch_size"]))
-        record["memory"] = read_cuda_memory(server.metrics_url)
-    finally:
-        server.stop()
-    errors = {code: n for row in rows for code, n in row["error_codes"].items()}
-    if errors:
-        raise RuntimeError(f"calls failed: {errors}")
-    if plan.device == "cuda" and not record["memory"]:
-        raise RuntimeError(f"the server's /metrics has none of {CUDA_GAUGES}")
-
-
-def _row(summary: dict, ceiling, max_batch_size: int) -> dict:
-    """A load point's figures, with served over the ceiling at the same mean batch size and at its best."""
-    row = {key: summary[key] for key in ("concurrency", "throughput", "p50", "p99", "mean_batch_size")}
-    row.update(requests=summary["requests"], errors=summary["errors"], error_codes=summary["error_codes"])
-    batch = summary["mean_batch_size"]
-    if ceiling is None or batch is None:
-        row.update(ceiling_throughput=None, efficiency=None, of_best_ceiling=None)
-        return row
-    best = max(
-        t for size, t in ceiling.throughput.items() if size <= max(max_batch_size, min(ceiling.throughput))
-    )
-    row["ceiling_throughput"] = ceiling.throughput_at(batch)
-    row["efficiency"] = summary["throughput"] / row["ceiling_throughput"]
-    row["of_best_ceiling"] = summary["throughput"] / best  # the best batch this max_batch_size allows
-    return row
-
-
-def read_cuda_memory(metrics_url: str) -> dict:
-    """The server's CUDA memory gauges: {labels: {allocated_bytes, reserved_bytes}}, one entry per
-    device (and per worker, should workers label them)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    with urllib.request.urlopen(metrics_url, timeout=10) as response:
-        text = response.read().decode()
-    memory: dict = {}
-    for family in text_string_to_metric_families(text):
-        if family.name in CUDA_GAUGES:
-            for sample in family.samples:
-                labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
-                kind = family.name.removeprefix("cbam_cuda_memory_")
-                memory.setdefault(labels, {})[kind] = sample.value
-    return memory
 
 
 def judge_targets(plan: Plan, served: list[dict], ceilings: dict) -> dict:

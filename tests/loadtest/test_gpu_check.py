@@ -14,7 +14,8 @@ from importlib import metadata
 import pytest
 import torch
 
-from loadtest.gpu_check import main, run_cuda_tests
+from loadtest._cuda_tests import run_cuda_tests
+from loadtest.gpu_check import main
 from tests.support import ROOT, server_env
 
 no_cuda_here = pytest.mark.skipif(torch.cuda.is_available(), reason="checks what happens without CUDA")

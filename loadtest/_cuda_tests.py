@@ -1,0 +1,68 @@
+"""The tests marked cuda (tests/cuda), run by the GPU check in a subprocess and read back from their JUnit
+XML: counts, each failure's message, and why tests were skipped."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import xml.etree.ElementTree as ElementTree
+from pathlib import Path
+
+__all__ = ["check_tests", "run_cuda_tests", "tests_line"]
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cuda_tests(junit: Path, require_cuda: bool, timeout: float) -> dict:
+    """pytest tests/cuda -m cuda in a subprocess; its counts and failures, from its JUnit XML."""
+    junit.unlink(missing_ok=True)
+    command = [sys.executable, "-m", "pytest", "tests/cuda", "-m", "cuda", "-q", "-p", "no:cacheprovider"]
+    command += [f"--junitxml={junit}"] + (["--require-cuda"] if require_cuda else [])
+    try:
+        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+        exit_code, output = done.returncode, done.stdout + done.stderr
+    except subprocess.TimeoutExpired as exc:
+        exit_code, output = None, f"timed out after {timeout:.0f} s\n{exc.stdout or ''}"
+    result = {"command": " ".join(command[1:]), "exit_code": exit_code, "output_tail": output[-4000:]}
+    if junit.exists():
+        result.update(_junit_summary(junit))
+    return result
+
+
+def _junit_summary(path: Path) -> dict:
+    root = ElementTree.parse(path).getroot()
+    suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
+    counts = {
+        key: sum(int(s.get(key, 0)) for s in suites) for key in ("tests", "failures", "errors", "skipped")
+    }
+    problems, skips = [], set()
+    for case in root.iter("testcase"):
+        test = f"{case.get('classname')}::{case.get('name')}"
+        for kind in ("failure", "error"):
+            node = case.find(kind)
+            if node is not None:
+                problems.append({"test": test, "kind": kind, "message": (node.get("message") or "")[:1500]})
+        node = case.find("skipped")
+        if node is not None:
+            skips.add((node.get("message") or "")[:300])
+    passed = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
+    return {**counts, "passed": passed, "problems": problems, "skip_reasons": sorted(skips)}
+
+
+def tests_line(tests: dict) -> str:
+    if "tests" not in tests:
+        return f"pytest exited {tests['exit_code']} with no report"
+    return (
+        f"{tests['passed']} passed, {tests['failures']} failed, {tests['errors']} errors, "
+        f"{tests['skipped']} skipped"
+    )
+
+
+def check_tests(tests: dict, require_cuda: bool) -> None:
+    if tests["exit_code"] != 0:
+        names = ", ".join(p["test"].rsplit("::", 1)[-1] for p in tests.get("problems", []))
+        raise RuntimeError(
+            f"pytest exited {tests['exit_code']} ({tests_line(tests)}): {names or 'see output_tail'}"
+        )
+    if require_cuda and not tests.get("passed"):
+        raise RuntimeError("no test marked cuda ran")
