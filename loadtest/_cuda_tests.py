@@ -16,13 +16,15 @@ ROOT = Path(__file__).resolve().parents[1]
 def run_cuda_tests(junit: Path, require_cuda: bool, timeout: float) -> dict:
     """pytest tests/cuda -m cuda in a subprocess; its counts and failures, from its JUnit XML."""
     junit.unlink(missing_ok=True)
-    command = [sys.executable, "-m", "pytest", "tests/cuda", "-m", "cuda", "-q", "-p", "no:cacheprovider"]
+    command = [sys.executable, "-m", "pytest", "tests/cuda", "-m", "cuda", "-v", "-p", "no:cacheprovider"]
     command += [f"--junitxml={junit}"] + (["--require-cuda"] if require_cuda else [])
     try:
         done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
         exit_code, output = done.returncode, done.stdout + done.stderr
     except subprocess.TimeoutExpired as exc:
-        exit_code, output = None, f"timed out after {timeout:.0f} s\n{exc.stdout or ''}"
+        partial = exc.stdout or b""  # bytes, even with text=True: it was cut off before decoding
+        partial = partial.decode(errors="replace") if isinstance(partial, bytes) else partial
+        exit_code, output = None, f"{partial}\ntimed out after {timeout:.0f} s"
     result = {"command": " ".join(command[1:]), "exit_code": exit_code, "output_tail": output[-4000:]}
     if junit.exists():
         result.update(_junit_summary(junit))
@@ -50,19 +52,21 @@ def _junit_summary(path: Path) -> dict:
 
 
 def tests_line(tests: dict) -> str:
-    if "tests" not in tests:
-        return f"pytest exited {tests['exit_code']} with no report"
-    return (
-        f"{tests['passed']} passed, {tests['failures']} failed, {tests['errors']} errors, "
-        f"{tests['skipped']} skipped"
-    )
+    """One line: the counts, or why there are none."""
+    if "tests" in tests:
+        return (
+            f"{tests['passed']} passed, {tests['failures']} failed, {tests['errors']} errors, "
+            f"{tests['skipped']} skipped"
+        )
+    if tests["exit_code"] is None:
+        return "pytest did not finish in its time (output_tail shows how far it got)"
+    return f"pytest exited {tests['exit_code']} without a report (see output_tail)"
 
 
 def check_tests(tests: dict, require_cuda: bool) -> None:
+    """Raise, saying which, unless every test ran and passed (and, with `require_cuda`, some ran)."""
     if tests["exit_code"] != 0:
-        names = ", ".join(p["test"].rsplit("::", 1)[-1] for p in tests.get("problems", []))
-        raise RuntimeError(
-            f"pytest exited {tests['exit_code']} ({tests_line(tests)}): {names or 'see output_tail'}"
-        )
+        failed = ", ".join(p["test"].rsplit("::", 1)[-1] for p in tests.get("problems", []))
+        raise RuntimeError(tests_line(tests) + (f": {failed}" if failed else ""))
     if require_cuda and not tests.get("passed"):
         raise RuntimeError("no test marked cuda ran")
