@@ -98,7 +98,7 @@ class AsyncClient(ClientBase):
             call = self._stub.ClassifyStream(
                 self._requests(state, source, window, closed),
                 timeout=remaining(deadline),
-                metadata=self._metadata,
+                metadata=self._call_metadata(),
             )
             try:
                 async for response in call:
@@ -183,7 +183,7 @@ class AsyncClient(ClientBase):
         attempt = 1
         while True:
             try:
-                return await method(request, timeout=remaining(deadline), metadata=self._metadata)
+                return await method(request, timeout=remaining(deadline), metadata=self._call_metadata())
             except grpc.RpcError as exc:
                 error = error_from_rpc(exc)
                 delay = self._retry_delay(error, attempt, deadline)
