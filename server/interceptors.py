@@ -28,10 +28,21 @@ import grpc
 from server.metrics import ServerMetrics
 from server.tracing import Tracing
 
-__all__ = ["TelemetryInterceptor", "call_type", "cancelled_status", "rebuild"]
+__all__ = ["GRPC_CODE_NAMES", "TelemetryInterceptor", "call_type", "cancelled_status", "rebuild"]
 
 # gRPC's deadline timer may fire a hair before time_remaining() reaches zero.
 _DEADLINE_SLACK_S = 0.05
+
+
+# grpc_code as go-grpc-prometheus writes it (Go's code names), so that off-the-shelf rules and
+# dashboards (grpc_code=~"Unknown|Internal|Unavailable|...") match. cbam_* metrics keep gRPC's
+# UPPER_CASE names in their own code label.
+GRPC_CODE_NAMES = {
+    code: "Canceled"
+    if code is grpc.StatusCode.CANCELLED
+    else code.name.title().replace("_", "").replace("Ok", "OK")
+    for code in grpc.StatusCode
+}
 
 
 class _Kind(NamedTuple):
@@ -118,7 +129,7 @@ class _MethodTelemetry:
         code = _final_code(context, error)
         handled = self._handled.get(code)
         if handled is None:
-            handled = self._handled[code] = self._handled_family.labels(*self._labels, code.name)
+            handled = self._handled[code] = self._handled_family.labels(*self._labels, GRPC_CODE_NAMES[code])
         handled.inc()
         seconds = time.perf_counter() - began
         if span is None:
@@ -147,7 +158,7 @@ class TelemetryInterceptor(grpc.aio.ServerInterceptor):
             for family in (self._metrics.grpc_started, self._metrics.grpc_msg_received,
                            self._metrics.grpc_msg_sent, self._metrics.grpc_handling_seconds):  # fmt: skip
                 family.labels(*labels)
-            self._metrics.grpc_handled.labels(*labels, grpc.StatusCode.OK.name)
+            self._metrics.grpc_handled.labels(*labels, GRPC_CODE_NAMES[grpc.StatusCode.OK])
 
     async def intercept_service(
         self,

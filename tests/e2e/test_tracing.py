@@ -156,8 +156,10 @@ def test_stream_items_get_spans_of_their_own(server, sink, tracer, samples):
     assert all(result.error is None for result in results)
     trace_id = caller.get_span_context().trace_id
     spans = sink.wait_for(
-        lambda spans: len([s for s in _of_trace(trace_id, spans) if s.name == "ClassifyStream item"]) == BATCH
-        and any(s.kind == SERVER for s in _of_trace(trace_id, spans)),
+        lambda spans: (
+            len([s for s in _of_trace(trace_id, spans) if s.name == "ClassifyStream item"]) == BATCH
+            and any(s.kind == SERVER for s in _of_trace(trace_id, spans))
+        ),
         timeout_s=60,
     )
     ours = _of_trace(trace_id, spans)
