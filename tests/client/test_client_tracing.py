@@ -59,7 +59,7 @@ def recorded():
 
 def _traceparent(span) -> str:
     context = span.get_span_context()
-    return f"00-{context.trace_id:032x}-{context.span_id:016x}-01"
+    return f"00-{context.trace_id:032x}-{context.span_id:016x}-{context.trace_flags:02x}"
 
 
 def test_the_blocking_client_sends_the_current_trace_context(recorded):
