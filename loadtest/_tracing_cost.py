@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -32,12 +33,15 @@ TRACING_TARGETS = {"on": 0.95, "on, stage events": 0.95, "off": 0.99}
 
 
 class _Sink:
-    """``python -m loadtest.otlp_sink`` in its own process: its endpoint, and what it took at the end."""
+    """``python -m loadtest.otlp_sink`` in its own process (on ``cpus``, the load generator's, when
+    given: a collector runs elsewhere): its endpoint, and what it took at the end."""
 
-    def __init__(self) -> None:
+    def __init__(self, cpus: set[int] | None) -> None:
         self._process = subprocess.Popen(
             [sys.executable, "-m", "loadtest.otlp_sink"], stdout=subprocess.PIPE, text=True
         )
+        if cpus is not None:
+            os.sched_setaffinity(self._process.pid, cpus)
         first = self._process.stdout.readline()
         if not first:
             raise RuntimeError("the OTLP sink did not start (is the tracing extra installed?)")
@@ -70,11 +74,13 @@ def measure_tracing_cost(
     seconds: float,
     warmup_seconds: float,
     baseline: Path | None = None,
+    client_cpus: set[int] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> dict:
-    """Throughput and latency of each variant per round, their paired ratios and the targets judged."""
+    """Throughput and latency of each variant per round, their paired ratios and the targets judged.
+    The servers run on this thread's cores; the load generator and the sink on ``client_cpus``."""
     say = progress or (lambda _: None)
-    sink = _Sink()
+    sink = _Sink(client_cpus)
     servers: dict[str, LaunchedServer] = {}
     figures: dict[str, list[dict]] = {}
     try:
@@ -83,6 +89,8 @@ def measure_tracing_cost(
             servers[name] = LaunchedServer([*server_flags, *flags], checkout=checkout)
             servers[name].start()
             figures[name] = []
+        if client_cpus is not None:
+            os.sched_setaffinity(0, client_cpus)
         names = list(servers)
         for round_ in range(rounds):
             order = names[round_ % len(names) :] + names[: round_ % len(names)]

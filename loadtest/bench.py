@@ -102,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.cbam_cost:
         return _cbam_cost(args, machine, console)
     if args.tracing_cost:
-        return _tracing_cost(args, machine, console)
+        return _tracing_cost(args, machine, console, client_cpus)
 
     model, input_size, version = build_model(args.arch, args.input_size)
     num_parameters = sum(p.numel() for p in model.parameters())
@@ -230,7 +230,9 @@ def _cbam_cost(args: argparse.Namespace, machine: dict, console: Console) -> int
     return 0
 
 
-def _tracing_cost(args: argparse.Namespace, machine: dict, console: Console) -> int:
+def _tracing_cost(
+    args: argparse.Namespace, machine: dict, console: Console, client_cpus: set[int] | None
+) -> int:
     """--tracing-cost: tracing off, on, on with stage events (and a baseline checkout), interleaved."""
     from ._ceiling import build_model
     from ._tracing_cost import measure_tracing_cost, tracing_cost_table
@@ -251,6 +253,7 @@ def _tracing_cost(args: argparse.Namespace, machine: dict, console: Console) -> 
         seconds=args.duration if args.duration is not None else FULL["duration"],
         warmup_seconds=args.warmup if args.warmup is not None else FULL["warmup"],
         baseline=args.baseline_checkout,
+        client_cpus=client_cpus,
         progress=lambda step: console.print(step, highlight=False),
     )
     Console(width=max(Console().width, 100)).print(tracing_cost_table(cost))
