@@ -117,9 +117,9 @@ def _judge(figures: dict[str, list[dict]], taken: dict, concurrency: int, rounds
     by_variant = {
         name: {
             "throughput": statistics.median(r["throughput"] for r in rows),
-            "p50_ms": statistics.median(r["p50"] for r in rows if r["p50"] is not None),
-            "p99_ms": statistics.median(r["p99"] for r in rows if r["p99"] is not None),
-            "mean_batch_size": statistics.median(r["mean_batch_size"] or 0 for r in rows),
+            "p50_ms": _median(r["p50"] for r in rows),
+            "p99_ms": _median(r["p99"] for r in rows),
+            "mean_batch_size": _median(r["mean_batch_size"] for r in rows),
             "errors": sum(r["errors"] for r in rows),
             "round_throughputs": [r["throughput"] for r in rows],
         }
@@ -129,9 +129,10 @@ def _judge(figures: dict[str, list[dict]], taken: dict, concurrency: int, rounds
     for name, reference in (("on", "off"), ("on, stage events", "off"), ("off", "baseline")):
         if name not in figures or reference not in figures:
             continue
-        ratios = [
-            a["throughput"] / b["throughput"] for a, b in zip(figures[name], figures[reference], strict=True)
-        ]
+        pairs = zip(figures[name], figures[reference], strict=True)
+        ratios = [a["throughput"] / b["throughput"] for a, b in pairs if b["throughput"] > 0]
+        if not ratios:
+            continue  # no call finished in the reference's windows: nothing to compare
         median = statistics.median(ratios)
         spread = max(ratios) - min(ratios)
         effect = abs(1 - median)
@@ -140,8 +141,8 @@ def _judge(figures: dict[str, list[dict]], taken: dict, concurrency: int, rounds
             "round_ratios": ratios,
             "spread": spread,
             "target": f"throughput >= {TRACING_TARGETS[name]:.2f} x {reference}'s",
-            # A verdict only where the rounds agree better than the margin being judged.
-            "trustworthy": spread <= max(1 - TRACING_TARGETS[name], effect),
+            # A verdict only from 3 rounds or more that agree better than the margin being judged.
+            "trustworthy": len(ratios) >= 3 and spread <= max(1 - TRACING_TARGETS[name], effect),
             "met": median >= TRACING_TARGETS[name],
         }
     return {
@@ -156,6 +157,16 @@ def _judge(figures: dict[str, list[dict]], taken: dict, concurrency: int, rounds
     }
 
 
+def _median(values) -> float | None:
+    """The median of the values that were measured (a window where no call finished has none)."""
+    present = [value for value in values if value is not None]
+    return statistics.median(present) if present else None
+
+
+def _shown(value: float | None, form: str) -> str:
+    return "-" if value is None else format(value, form)
+
+
 def tracing_cost_table(cost: dict) -> Table:
     title = f"Tracing's cost: Classify, concurrency {cost['concurrency']}, {cost['rounds']} rounds"
     table = Table(title=title)
@@ -165,9 +176,9 @@ def tracing_cost_table(cost: dict) -> Table:
         table.add_row(
             name,
             f"{f['throughput']:.1f}",
-            f"{f['p50_ms']:.2f}",
-            f"{f['p99_ms']:.2f}",
-            f"{f['mean_batch_size']:.1f}",
+            _shown(f["p50_ms"], ".2f"),
+            _shown(f["p99_ms"], ".2f"),
+            _shown(f["mean_batch_size"], ".1f"),
             str(f["errors"]),
             " ".join(f"{t:.0f}" for t in f["round_throughputs"]),
         )

@@ -259,7 +259,7 @@ def _tracing_cost(
     Console(width=max(Console().width, 100)).print(tracing_cost_table(cost))
     for name, c in cost["comparisons"].items():
         spread = " ".join(f"{r:.3f}" for r in c["round_ratios"])
-        judged = verdict(c["met"]) if c["trustworthy"] else "[yellow]rounds disagree; not judged[/yellow]"
+        judged = verdict(c["met"]) if c["trustworthy"] else "[yellow]too few rounds, or apart[/yellow]"
         console.print(f"{name}: {c['ratio']:.3f} (rounds {spread}); {c['target']}: {judged}", highlight=False)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
