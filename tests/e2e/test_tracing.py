@@ -202,3 +202,10 @@ def test_untraced_callers_get_a_trace_of_their_own(server, sink, samples):
 
     found = roots(sink.wait_for(roots, timeout_s=60))
     assert found and all(len(s.trace_id) == 16 and any(s.trace_id) for s in found)
+
+
+def test_the_traced_server_logged_no_error(server):
+    # Last in this module: every call above, traced, and nothing went wrong on the server's side
+    # (OpenTelemetry logs a context it could not detach, or an export that failed, as errors).
+    assert [e for e in server.events if e.get("level") == "ERROR"] == []
+    assert "Traceback" not in server.output
