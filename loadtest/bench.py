@@ -222,12 +222,18 @@ def _cbam_cost(args: argparse.Namespace, machine: dict, console: Console) -> int
     )
     Console(width=max(Console().width, 100)).print(cost_table(cost))
     console.print(f"{cost['target']}: {verdict(cost['met'])}", highlight=False)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        machine["load_average_1m_at_end"] = os.getloadavg()[0]
-        args.json.write_text(json.dumps({"machine": machine, "cbam_cost": cost}, indent=2) + "\n")
-        console.print(f"wrote {args.json}", highlight=False)
+    _write_json(args.json, machine, "cbam_cost", cost, console)
     return 0
+
+
+def _write_json(path: Path | None, machine: dict, key: str, figures: dict, console: Console) -> None:
+    """--json of a measurement that is not the served table: the machine, and ``figures`` as ``key``."""
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    machine["load_average_1m_at_end"] = os.getloadavg()[0]
+    path.write_text(json.dumps({"machine": machine, key: figures}, indent=2) + "\n")
+    console.print(f"wrote {path}", highlight=False)
 
 
 def _tracing_cost(
@@ -261,11 +267,7 @@ def _tracing_cost(
         spread = " ".join(f"{r:.3f}" for r in c["round_ratios"])
         judged = verdict(c["met"]) if c["trustworthy"] else "[yellow]too few rounds, or apart[/yellow]"
         console.print(f"{name}: {c['ratio']:.3f} (rounds {spread}); {c['target']}: {judged}", highlight=False)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        machine["load_average_1m_at_end"] = os.getloadavg()[0]
-        args.json.write_text(json.dumps({"machine": machine, "tracing_cost": cost}, indent=2) + "\n")
-        console.print(f"wrote {args.json}", highlight=False)
+    _write_json(args.json, machine, "tracing_cost", cost, console)
     errors = sum(f["errors"] for f in cost["by_variant"].values())
     return 1 if errors else 0
 

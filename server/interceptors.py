@@ -28,7 +28,14 @@ import grpc
 from server.metrics import ServerMetrics
 from server.tracing import Tracing
 
-__all__ = ["GRPC_CODE_NAMES", "TelemetryInterceptor", "call_type", "cancelled_status", "rebuild"]
+__all__ = [
+    "GRPC_CODE_NAMES",
+    "HandlerCache",
+    "TelemetryInterceptor",
+    "call_type",
+    "cancelled_status",
+    "rebuild",
+]
 
 # gRPC's deadline timer may fire a hair before time_remaining() reaches zero.
 _DEADLINE_SLACK_S = 0.05
@@ -82,6 +89,21 @@ def rebuild(
     )
 
 
+class HandlerCache:
+    """Each method's handler wrapped once, not on every call (bounded: the methods served), and again
+    if gRPC hands over another handler for it. ``wrap(method, handler)`` makes the wrapped one."""
+
+    def __init__(self, wrap: Callable[[str, grpc.RpcMethodHandler], grpc.RpcMethodHandler]) -> None:
+        self._wrap = wrap
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    def get(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        entry = self._wrapped.get(method)
+        if entry is None or entry[0] is not handler:
+            entry = self._wrapped[method] = (handler, self._wrap(method, handler))
+        return entry[1]
+
+
 def cancelled_status(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
     """Why gRPC cancelled a handler: the deadline passed, or the client went away."""
     remaining = context.time_remaining()
@@ -116,12 +138,24 @@ class _MethodTelemetry:
         self._handled: dict[grpc.StatusCode, Any] = {}
         self.tracing = tracing
 
-    def begin(self, context: grpc.aio.ServicerContext) -> tuple[float, Any]:
+    def begin(
+        self, request: Any, context: grpc.aio.ServicerContext, streaming: bool
+    ) -> tuple[Any, float, Any]:
+        """A call starts: (its request, counted as received; when it began; its span or None)."""
         self.started.inc()
+        if streaming:
+            request = self._counted(request)
+        else:
+            self.received.inc()
         span = None
         if self.tracing.enabled:
             span = self.tracing.start_server_span(self.full_method, context.invocation_metadata())
-        return time.perf_counter(), span
+        return request, time.perf_counter(), span
+
+    async def _counted(self, requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        async for request in requests:
+            self.received.inc()
+            yield request
 
     def end(
         self, began: float, span: Any, context: grpc.aio.ServicerContext, error: BaseException | None
@@ -146,8 +180,11 @@ class TelemetryInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, metrics: ServerMetrics, tracing: Tracing = Tracing.OFF) -> None:
         self._metrics = metrics
         self._tracing = tracing
-        # method -> (its handler, wrapped): wrapped once, not per call (bounded: the methods served).
-        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+        self._handlers = HandlerCache(
+            lambda method, handler: _observed(
+                handler, _MethodTelemetry(metrics, tracing, method, call_type(handler))
+            )
+        )
 
     def expect(self, service: Any) -> None:
         """Create the series of every method of ``service`` (a ServiceDescriptor) now, so dashboards
@@ -166,13 +203,7 @@ class TelemetryInterceptor(grpc.aio.ServerInterceptor):
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
-        if handler is None:
-            return handler
-        wrapped = self._wrapped.get(details.method)
-        if wrapped is None or wrapped[0] is not handler:
-            telemetry = _MethodTelemetry(self._metrics, self._tracing, details.method, call_type(handler))
-            wrapped = self._wrapped[details.method] = (handler, _observed(handler, telemetry))
-        return wrapped[1]
+        return None if handler is None else self._handlers.get(details.method, handler)
 
 
 def _observed(handler: grpc.RpcMethodHandler, t: _MethodTelemetry) -> grpc.RpcMethodHandler:
@@ -183,19 +214,10 @@ def _observed(handler: grpc.RpcMethodHandler, t: _MethodTelemetry) -> grpc.RpcMe
     # with context.write() (grpc's health Watch; server/auth.py's refusal).
     generates = inspect.isasyncgenfunction(behaviour)
 
-    async def counted(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
-        async for request in requests:
-            t.received.inc()
-            yield request
-
     if not handler.response_streaming:
 
         async def unary_response(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            if handler.request_streaming:
-                request = counted(request)
-            else:
-                t.received.inc()
-            began, span = t.begin(context)
+            request, began, span = t.begin(request, context, handler.request_streaming)
             error = None
             try:
                 if span is None:
@@ -214,11 +236,7 @@ def _observed(handler: grpc.RpcMethodHandler, t: _MethodTelemetry) -> grpc.RpcMe
         return rebuild(handler, unary_response)
 
     async def stream_response(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        if handler.request_streaming:
-            request = counted(request)
-        else:
-            t.received.inc()
-        began, span = t.begin(context)
+        request, began, span = t.begin(request, context, handler.request_streaming)
         error = None
         try:
             with nullcontext() if span is None else tracing.current(span):

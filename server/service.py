@@ -13,7 +13,7 @@ from cbam.v1 import inference_pb2 as pb
 from cbam.v1 import inference_pb2_grpc
 from server.calls import Call, CallTracker, Failure, new_request_id, status_for
 from server.errors import InvalidInput
-from server.interceptors import rebuild
+from server.interceptors import HandlerCache, rebuild
 from server.pipeline import InferencePipeline, Prediction, Query
 from server.postprocess import AttentionFormat, AttentionKind, AttentionQuery
 from server.preprocess import RawTensor
@@ -200,8 +200,7 @@ class ParseRequests(grpc.aio.ServerInterceptor):
 
     def __init__(self, service: str) -> None:
         self._prefix = f"/{service}/"
-        # method -> (its handler, wrapped): wrapped once, not on every call (bounded: our methods).
-        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+        self._handlers = HandlerCache(lambda method, handler: _parsing(handler))
 
     async def intercept_service(
         self,
@@ -212,10 +211,7 @@ class ParseRequests(grpc.aio.ServerInterceptor):
         ours = details.method.startswith(self._prefix)
         if handler is None or handler.request_deserializer is None or not ours:
             return handler
-        wrapped = self._wrapped.get(details.method)
-        if wrapped is None or wrapped[0] is not handler:
-            wrapped = self._wrapped[details.method] = (handler, _parsing(handler))
-        return wrapped[1]
+        return self._handlers.get(details.method, handler)
 
 
 def _parsing(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:

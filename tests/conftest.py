@@ -19,3 +19,12 @@ def env(monkeypatch: pytest.MonkeyPatch):
             monkeypatch.setenv(name, value)
 
     return _Env()
+
+
+@pytest.fixture(scope="module")
+def otlp_sink():
+    """A real OTLP trace receiver on loopback (loadtest/otlp_sink.py) for one test module's servers."""
+    from loadtest.otlp_sink import OtlpSink  # needs the tracing extra
+
+    with OtlpSink() as sink:
+        yield sink

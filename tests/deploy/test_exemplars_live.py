@@ -14,7 +14,6 @@ import yaml
 from deploy_support import REPO, http_get_json, start_prometheus, wait_for
 
 from client import Client
-from loadtest.otlp_sink import OtlpSink
 from tests.support import ServerProcess
 
 pytestmark = pytest.mark.slow
@@ -24,14 +23,8 @@ OPENMETRICS = "application/openmetrics-text; version=1.0.0"
 
 
 @pytest.fixture(scope="module")
-def sink() -> Iterator[OtlpSink]:
-    with OtlpSink() as receiver:
-        yield receiver
-
-
-@pytest.fixture(scope="module")
-def traced_server(sink) -> Iterator[ServerProcess]:
-    args = ("--tracing.enabled", "true", "--tracing.endpoint", sink.endpoint)
+def traced_server(otlp_sink) -> Iterator[ServerProcess]:
+    args = ("--tracing.enabled", "true", "--tracing.endpoint", otlp_sink.endpoint)
     with ServerProcess(*args, env={"OTEL_BSP_SCHEDULE_DELAY": "50"}) as server:
         yield server
 
@@ -59,14 +52,14 @@ def _exemplars(prometheus: str, query: str, start: float) -> list[dict]:
     return [exemplar for series in body["data"] for exemplar in series["exemplars"]]
 
 
-def test_latency_exemplars_name_traces_the_server_exported(traced_server, sink, prometheus, sample_png):
+def test_latency_exemplars_name_traces_the_server_exported(traced_server, otlp_sink, prometheus, sample_png):
     start = time.time() - 1
     with Client(traced_server.address) as client:
         for _ in range(CALLS):
             client.classify(sample_png)
     exported = {
         span.trace_id.hex()
-        for span in sink.wait_for(
+        for span in otlp_sink.wait_for(
             lambda spans: sum(s.name.endswith("/Classify") for s in spans) >= CALLS, timeout_s=60
         )
     }

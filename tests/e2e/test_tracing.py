@@ -16,7 +16,6 @@ from opentelemetry.sdk.trace import TracerProvider
 from cbam.v1 import inference_pb2 as pb
 from cbam.v1 import inference_pb2_grpc
 from client import AsyncClient, Client, InvalidArgumentError
-from loadtest.otlp_sink import OtlpSink
 from tests.support import ServerProcess
 
 SERVER = trace_pb2.Span.SPAN_KIND_SERVER
@@ -26,15 +25,9 @@ EXPORT_ENV = {"OTEL_BSP_SCHEDULE_DELAY": "50"}
 
 
 @pytest.fixture(scope="module")
-def sink() -> Iterator[OtlpSink]:
-    with OtlpSink() as receiver:
-        yield receiver
-
-
-@pytest.fixture(scope="module")
-def server(sink) -> Iterator[ServerProcess]:
+def server(otlp_sink) -> Iterator[ServerProcess]:
     args = (
-        "--tracing.enabled", "true", "--tracing.endpoint", sink.endpoint,
+        "--tracing.enabled", "true", "--tracing.endpoint", otlp_sink.endpoint,
         "--tracing.service_name", "cbam-serve-under-test",
         "--batching.max_batch_size", str(BATCH), "--batching.max_batch_delay_ms", "5000",
         "--log.level", "DEBUG",
@@ -73,13 +66,13 @@ def _linked_to(span: trace_pb2.Span) -> set[tuple[bytes, bytes]]:
     return {(link.trace_id, link.span_id) for link in span.links}
 
 
-def test_a_classify_call_continues_the_callers_trace(server, sink, tracer, samples):
+def test_a_classify_call_continues_the_callers_trace(server, otlp_sink, tracer, samples):
     with Client(server.address) as client, tracer.start_as_current_span("caller") as caller:
         # A batch of one closes only after max_batch_delay_ms, so send a full batch at once.
         asyncio.run(_classify_at_once(server.address, [samples[0][0]] * BATCH, attention="spatial"))
         client.model_info()
     context = caller.get_span_context()
-    spans = sink.wait_for(
+    spans = otlp_sink.wait_for(
         lambda spans: len([s for s in _of_trace(context.trace_id, spans) if s.kind == SERVER]) == BATCH + 1,
         timeout_s=60,
     )
@@ -119,7 +112,7 @@ def test_a_classify_call_continues_the_callers_trace(server, sink, tracer, sampl
         assert wait.end_time_unix_nano == forward.start_time_unix_nano
     (info,) = [s for s in ours if s.name == "cbam.v1.InferenceService/GetModelInfo"]
     assert _attributes(info)["cbam.images"] == 0
-    assert "cbam-serve-under-test" in sink.service_names
+    assert "cbam-serve-under-test" in otlp_sink.service_names
 
 
 async def _classify_at_once(address: str, images: list[bytes], **options) -> None:
@@ -127,7 +120,7 @@ async def _classify_at_once(address: str, images: list[bytes], **options) -> Non
         await asyncio.gather(*(client.classify(image, **options) for image in images))
 
 
-def test_failures_and_other_services_are_traced_with_their_status(server, sink, tracer, samples):
+def test_failures_and_other_services_are_traced_with_their_status(server, otlp_sink, tracer, samples):
     with tracer.start_as_current_span("caller") as caller, Client(server.address) as client:
         with pytest.raises(InvalidArgumentError):
             client.classify(b"not an image")
@@ -138,7 +131,7 @@ def test_failures_and_other_services_are_traced_with_their_status(server, sink, 
             traceparent = f"00-{context.trace_id:032x}-{context.span_id:016x}-01"
             health.Check(health_pb2.HealthCheckRequest(), timeout=30, metadata=[("traceparent", traceparent)])
     trace_id = caller.get_span_context().trace_id
-    spans = sink.wait_for(lambda spans: len(_of_trace(trace_id, spans)) >= 3, timeout_s=60)
+    spans = otlp_sink.wait_for(lambda spans: len(_of_trace(trace_id, spans)) >= 3, timeout_s=60)
     spans = _of_trace(trace_id, spans)
     by_name = {s.name: s for s in spans if s.kind == SERVER}
     refused = by_name["cbam.v1.InferenceService/Classify"]
@@ -150,12 +143,12 @@ def test_failures_and_other_services_are_traced_with_their_status(server, sink, 
     assert _attributes(check)["rpc.grpc.status_code"] == 0
 
 
-def test_stream_items_get_spans_of_their_own(server, sink, tracer, samples):
+def test_stream_items_get_spans_of_their_own(server, otlp_sink, tracer, samples):
     with tracer.start_as_current_span("caller") as caller, Client(server.address) as client:
         results = list(client.classify_stream([image for image, _ in samples[:BATCH]]))
     assert all(result.error is None for result in results)
     trace_id = caller.get_span_context().trace_id
-    spans = sink.wait_for(
+    spans = otlp_sink.wait_for(
         lambda spans: (
             len([s for s in _of_trace(trace_id, spans) if s.name == "ClassifyStream item"]) == BATCH
             and any(s.kind == SERVER for s in _of_trace(trace_id, spans))
@@ -172,7 +165,7 @@ def test_stream_items_get_spans_of_their_own(server, sink, tracer, samples):
         assert {"preprocess", "queue wait", "postprocess"} <= set(_children(item, ours))
 
 
-def test_log_lines_about_a_request_carry_its_request_and_trace_ids(server, sink, tracer, samples):
+def test_log_lines_about_a_request_carry_its_request_and_trace_ids(server, otlp_sink, tracer, samples):
     with (
         tracer.start_as_current_span("caller") as caller,
         Client(server.address) as client,
@@ -186,13 +179,13 @@ def test_log_lines_about_a_request_carry_its_request_and_trace_ids(server, sink,
         time.sleep(0.05)
     (line,) = lines
     assert line["trace_id"] == trace_id
-    (span,) = [s for s in _of_trace(int(trace_id, 16), sink.wait_for(
+    (span,) = [s for s in _of_trace(int(trace_id, 16), otlp_sink.wait_for(
         lambda spans: _of_trace(int(trace_id, 16), spans), timeout_s=60)) if s.kind == SERVER]  # fmt: skip
     assert line["span_id"] == _hex(span.span_id)
     assert line["code"] == "INVALID_ARGUMENT"
 
 
-def test_untraced_callers_get_a_trace_of_their_own(server, sink, samples):
+def test_untraced_callers_get_a_trace_of_their_own(server, otlp_sink, samples):
     with grpc.insecure_channel(server.address) as channel:
         stub = inference_pb2_grpc.InferenceServiceStub(channel)
         stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=30)
@@ -200,7 +193,7 @@ def test_untraced_callers_get_a_trace_of_their_own(server, sink, samples):
     def roots(spans: list[trace_pb2.Span]) -> list[trace_pb2.Span]:
         return [s for s in spans if s.name.endswith("/GetModelInfo") and not s.parent_span_id]
 
-    found = roots(sink.wait_for(roots, timeout_s=60))
+    found = roots(otlp_sink.wait_for(roots, timeout_s=60))
     assert found and all(len(s.trace_id) == 16 and any(s.trace_id) for s in found)
 
 
