@@ -103,7 +103,9 @@ class InferenceServer:
         1. health NOT_SERVING for every service, then ``drain_delay_seconds`` of normal serving;
         2. new calls (and new stream items) are answered UNAVAILABLE, while everything taken
            (preprocessing, queued, computing) is finished: the batcher runs until its queue is empty;
-        3. gRPC stops accepting, and the inference threads and /metrics endpoint close.
+        3. refusals are held until no call has come for a moment (CallTracker.hold_refusals says
+           why), then gRPC sends GOAWAY and stops accepting, the held calls are answered
+           UNAVAILABLE, and the inference threads and /metrics endpoint close.
         """
         grace = self.settings.grace_seconds if grace is None else grace
         _log.info("draining", extra={"fields": {"grace_seconds": grace}})
@@ -114,7 +116,11 @@ class InferenceServer:
         deadline = loop.time() + grace
         self.calls.refuse_new_work()
         await self.calls.wait_drained(timeout=grace)
-        await self.grpc_server.stop(max(0.0, deadline - loop.time()))
+        await self.calls.hold_refusals(timeout=min(1.0, max(0.0, deadline - loop.time())))
+        stopping = asyncio.create_task(self.grpc_server.stop(max(0.0, deadline - loop.time())))
+        await asyncio.sleep(0)  # stop()'s first step: GOAWAY, and gRPC takes no more calls
+        self.calls.release_refusals()
+        await stopping
         await self.pipeline.close()
         if self._metrics_endpoint is not None:
             self._metrics_endpoint.close()
