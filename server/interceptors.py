@@ -12,6 +12,11 @@ server/auth.py, INVALID_ARGUMENT for an unparsable message from server/service.p
     grpc_method (a method gRPC itself answers UNIMPLEMENTED never reaches a handler, and is not counted);
   - with tracing on, the SERVER span of the call (server/tracing.py), current while the call runs,
     and the trace id as the exemplar of its latency.
+
+Why not opentelemetry-instrumentation-grpc's aio server interceptor for the span: it would be a second
+wrapper of every call beside this one (it also wraps the servicer context in a proxy per call), and
+(version 0.66b2) it records OK for a call that was cancelled, ran past its deadline, or raised: only
+abort() and set_code() reach its span. This wrapper already knows each call's final status.
 """
 
 from __future__ import annotations
