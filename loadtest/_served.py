@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
+import os
 import struct
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import time
 import urllib.request
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -32,7 +34,9 @@ class LaunchedServer:
     of its log is drained in a thread so the pipe never fills, and its tail is kept for error messages.
     """
 
-    def __init__(self, args: list[str], startup_timeout: float = 300.0) -> None:
+    def __init__(self, args: list[str], startup_timeout: float = 300.0, checkout: Path | None = None) -> None:
+        """``checkout``: run the server code of that source tree (a worktree of main, say), not this one."""
+        self.checkout = checkout
         self.args = [
             sys.executable,
             "-m",
@@ -69,9 +73,19 @@ class LaunchedServer:
         self.stop()
 
     def start(self) -> None:
+        env = None
+        if self.checkout is not None:  # its packages first on the path, its proto/ for the stubs
+            path = [str(self.checkout), str(self.checkout / "proto"), os.environ.get("PYTHONPATH", "")]
+            # No __pycache__ written into someone else's tree.
+            env = {
+                **os.environ,
+                "PYTHONPATH": os.pathsep.join(p for p in path if p),
+                "PYTHONDONTWRITEBYTECODE": "1",
+            }
         self._process = subprocess.Popen(
-            self.args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-        )
+            self.args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            cwd=self.checkout, env=env,
+        )  # fmt: skip
         found = threading.Event()
         threading.Thread(target=self._read_log, args=(found,), daemon=True).start()
         deadline = time.monotonic() + self.startup_timeout

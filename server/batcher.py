@@ -24,6 +24,7 @@ from typing import Generic, TypeVar
 
 from server.errors import Expired, Overloaded, ShuttingDown
 from server.metrics import ServerMetrics
+from server.tracing import Tracing
 
 __all__ = ["Batched", "DynamicBatcher"]
 
@@ -47,18 +48,24 @@ class _Pending(Generic[In, Out]):
     """A submitted item: what of it is still queued, and the outputs of the parts already taken."""
 
     __slots__ = (
-        "item", "size", "deadline", "future", "enqueued_at", "reason",
+        "item", "size", "deadline", "future", "enqueued_at", "span", "reason",
         "outputs", "taken", "started", "inference_seconds", "batch_size",
     )  # fmt: skip
 
     def __init__(
-        self, item: In, size: int, deadline: float | None, future: asyncio.Future[Batched[Out]]
+        self,
+        item: In,
+        size: int,
+        deadline: float | None,
+        future: asyncio.Future[Batched[Out]],
+        span: object = None,
     ) -> None:
         self.item = item  # the part not yet taken by a batch
         self.size = size  # its units
         self.deadline = deadline
         self.future = future
         self.enqueued_at = time.monotonic()
+        self.span = span  # with tracing on: the span of the request it belongs to
         self.reason: str | None = None  # why it was dropped, once it was
         self.outputs: list[Out] = []  # of the parts computed, in order
         self.taken = 0  # parts in a batch and not yet answered
@@ -82,7 +89,9 @@ class DynamicBatcher(Generic[In, Out]):
     ``run_batch(items)`` must return one output per item, in order; any exception it raises fails
     that batch's items only. Deadlines are ``time.monotonic()`` values. ``size(item)`` (default: 1)
     counts an item's units; ``split(item, n)`` returns its first ``n`` units and the rest as two
-    items, ``join(outputs)`` one output from its parts' (both needed with ``size``).
+    items, ``join(outputs)`` one output from its parts' (both needed with ``size``). With ``tracing``
+    on, each item keeps its submitter's span, and each batch is traced with links to them
+    (server/tracing.py).
     """
 
     def __init__(
@@ -96,6 +105,7 @@ class DynamicBatcher(Generic[In, Out]):
         size: Callable[[In], int] | None = None,
         split: Callable[[In, int], tuple[In, In]] | None = None,
         join: Callable[[list[Out]], Out] | None = None,
+        tracing: Tracing = Tracing.OFF,
     ) -> None:
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"max_batch_size must be an integer >= 1, got {max_batch_size!r}")
@@ -113,6 +123,7 @@ class DynamicBatcher(Generic[In, Out]):
         self._split = split
         self._join = join
         self._metrics = metrics if metrics is not None else ServerMetrics()
+        self._tracing = tracing
         self._queue_stage = self._metrics.stage_seconds.labels("queue")
         self._inference_stage = self._metrics.stage_seconds.labels("inference")
         self._queue: collections.deque[_Pending[In, Out]] = collections.deque()
@@ -159,8 +170,9 @@ class DynamicBatcher(Generic[In, Out]):
         sizes = [1] * len(items) if self._size is None else [self._size(item) for item in items]
         self.check_room(sum(sizes))
         loop = asyncio.get_running_loop()
+        span = self._tracing.current_span() if self._tracing.enabled else None
         pendings = [
-            _Pending(item, size, deadline, loop.create_future())
+            _Pending(item, size, deadline, loop.create_future(), span)
             for item, size in zip(items, sizes, strict=True)
         ]
         self._queue.extend(pendings)
@@ -193,12 +205,16 @@ class DynamicBatcher(Generic[In, Out]):
             except Exception as exc:  # a failed batch fails its own items only, and says why
                 units = sum(size for _, _, size in batch)
                 _log.error("batch failed", extra={"fields": {"batch_size": units, "error": repr(exc)}})
+                if self._tracing.enabled:
+                    self._trace(batch, started, failed=True)
                 for pending, _, _ in batch:
                     self._fail(pending, exc)
                 continue
             inference_seconds = time.monotonic() - started
             units = sum(size for _, _, size in batch)
             self._inference_stage.observe(inference_seconds)
+            if self._tracing.enabled:
+                self._trace(batch, started, failed=False, ended=started + inference_seconds)
             self._metrics.batch_size.observe(units)
             for (pending, _, _), output in zip(batch, outputs, strict=True):
                 self._deliver(pending, output, started, inference_seconds, units)
@@ -220,6 +236,16 @@ class DynamicBatcher(Generic[In, Out]):
                 value, pending.started - pending.enqueued_at, pending.inference_seconds, pending.batch_size
             )
         )
+
+    def _trace(
+        self,
+        batch: list[tuple[_Pending[In, Out], In, int]],
+        started: float,
+        failed: bool,
+        ended: float | None = None,
+    ) -> None:
+        members = [(p.span, p.enqueued_at) for p, _, _ in batch]
+        self._tracing.batch(members, started, time.monotonic() if ended is None else ended, failed)
 
     def _fail(self, pending: _Pending[In, Out], exc: Exception) -> None:
         if not pending.future.done():

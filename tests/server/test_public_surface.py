@@ -8,9 +8,9 @@ import inspect
 import pytest
 
 MODULES = [
-    "app", "auth", "batcher", "config", "errors", "logs", "metrics", "pipeline", "postprocess",
-    "preprocess", "runner", "service", "__main__", "protocols.oip", "protocols.oip_model",
-    "protocols.oip_tensors",
+    "app", "auth", "batcher", "config", "errors", "gpu", "interceptors", "logs", "metrics", "pipeline",
+    "postprocess", "preprocess", "runner", "service", "tracing", "__main__", "protocols.oip",
+    "protocols.oip_model", "protocols.oip_tensors",
 ]  # fmt: skip
 
 
