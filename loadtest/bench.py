@@ -2,6 +2,7 @@
 
     cbam-bench [--quick] [--json OUT] [--plot OUT.png] [--target HOST:PORT] [--arch NAME --input-size N]
     cbam-bench --cbam-cost [--backend B] [--cost-batch-sizes 1,8,32] [--json OUT]
+    cbam-bench --peers [--setup] [--quick] [--peer-venvs DIR] [--json OUT]
 
 1. The ceiling: the same model, loaded in this process, timed doing nothing but forward passes at batch
    sizes 1, 2, 4, ... (the server's thread settings, torch.inference_mode).
@@ -16,6 +17,9 @@ that mean batch size. The load generator runs on the same cores as the server, w
 
 --cbam-cost measures something else: cbam_resnet50's forward against plain resnet50's, interleaved in
 this process, at batch 1 and the best batch (loadtest/_cost.py); nothing is served.
+
+--peers measures cbam-serve, with its defaults, against Triton (PyTriton) and TorchServe serving the same
+weights, side by side in one run (loadtest/peers.py).
 """
 
 from __future__ import annotations
@@ -58,6 +62,11 @@ QUICK = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--peers" in argv:  # a different run with its own options: loadtest/peers.py
+        from .peers import main as peers_main
+
+        return peers_main([arg for arg in argv if arg != "--peers"])
     parser = _parser()
     args = parser.parse_args(argv)
     preset = QUICK if args.quick else FULL
@@ -308,6 +317,12 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="instead: time cbam_resnet50 against resnet50 (224x224, --backend), interleaved in this "
         "process, and judge CBAM's cost (forward <= 1.10x at batch 1 and at the best batch)",
+    )
+    parser.add_argument(
+        "--peers",
+        action="store_true",
+        help="instead: cbam-serve with its defaults against Triton and TorchServe, side by side "
+        "(loadtest/peers.py; its options: cbam-bench --peers --help)",
     )
     parser.add_argument(
         "--cost-batch-sizes", default="1,8,32", metavar="LIST", help="with --cbam-cost (default 1,8,32)"
