@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 
 from rich.table import Table
 
-from ._report import verdict
+from ._report import _number, verdict
 
 __all__ = ["TARGETS", "Target", "judge", "peer_table", "ratios", "summarise", "trust"]
 
@@ -208,7 +208,3 @@ def describe_judgement(item: dict) -> str:
 def _median(values) -> float | None:
     present = [v for v in values if v is not None]
     return statistics.median(present) if present else None
-
-
-def _number(value: float | None, form: str) -> str:
-    return "-" if value is None else form.format(value)

@@ -196,7 +196,22 @@ class _PeerProcess:
             return "(no log)"
 
 
-class PyTriton(Served):
+class _FromVenv(Served):
+    """A peer run from its own venv as a process group (`_PeerProcess`)."""
+
+    _process: _PeerProcess
+
+    def start(self) -> None:
+        self._process.start()
+
+    def stop(self) -> None:
+        self._process.stop()
+
+    def pids(self) -> list[int]:
+        return [self._process.process.pid]
+
+
+class PyTriton(_FromVenv):
     """Triton Inference Server through PyTriton, the model in our launcher's process, dynamic batching."""
 
     name = "triton"
@@ -241,12 +256,6 @@ class PyTriton(Served):
             command, env=env, cwd=workdir, ready=lambda: _http_ok(ready), timeout=startup_timeout
         )
 
-    def start(self) -> None:
-        self._process.start()
-
-    def stop(self) -> None:
-        self._process.stop()
-
     def request(self, pixels: np.ndarray) -> bytes:
         return model_infer_request(
             self.model_name, "image", "UINT8", [1, *pixels.shape], pixels.tobytes(), ["index", "probability"]
@@ -262,9 +271,6 @@ class PyTriton(Served):
         url = f"http://127.0.0.1:{self.metrics_port}/metrics"
         return _metric_sum(url, "nv_inference_request_success", model=self.model_name)
 
-    def pids(self) -> list[int]:
-        return [self._process.process.pid]
-
     def settings(self) -> dict:
         return {
             "command": "our loadtest/peer_launchers/pytriton_server.py (Triton(...).bind(...).serve())",
@@ -276,7 +282,7 @@ class PyTriton(Served):
         }
 
 
-class TorchServe(Served):
+class TorchServe(_FromVenv):
     """TorchServe with a .mar built here by torch-model-archiver (our handler, our models package, the
     checkpoint), its default worker count, batching set in the archive's model-config.yaml."""
 
@@ -356,7 +362,7 @@ class TorchServe(Served):
             capture_output=True,
             timeout=600,
         )
-        self._process.start()
+        super().start()
 
     def _ready(self) -> bool:
         url = f"http://127.0.0.1:{self.ports['management']}/models/{self.model_name}"
@@ -373,9 +379,6 @@ class TorchServe(Served):
             and (len(self._workers) >= model.get("minWorkers", 1))
         )
 
-    def stop(self) -> None:
-        self._process.stop()
-
     def request(self, pixels: np.ndarray) -> bytes:
         return predictions_request(self.model_name, {"data": pixels.tobytes()})
 
@@ -386,9 +389,6 @@ class TorchServe(Served):
     def answered(self) -> float:
         url = f"http://127.0.0.1:{self.ports['metrics']}/metrics"
         return _metric_sum(url, "ts_inference_requests_total", model_name=self.model_name)
-
-    def pids(self) -> list[int]:
-        return [self._process.process.pid]
 
     def settings(self) -> dict:
         description = getattr(self, "_description", {})

@@ -229,13 +229,19 @@ def _cbam_cost(args: argparse.Namespace, machine: dict, console: Console) -> int
     return 0
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="cbam-bench",
-        description=__doc__.split("\n\n")[0],
+def doc_parser(prog: str, doc: str) -> argparse.ArgumentParser:
+    """A parser whose description is the docstring's first paragraph and whose epilog is the rest after
+    the usage paragraph."""
+    return argparse.ArgumentParser(
+        prog=prog,
+        description=doc.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="\n\n".join(__doc__.split("\n\n")[2:]),
+        epilog="\n\n".join(doc.split("\n\n")[2:]),
     )
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = doc_parser("cbam-bench", __doc__)
     parser.add_argument(
         "--quick",
         action="store_true",

@@ -44,7 +44,7 @@ from ._peer_report import describe_judgement, judge, peer_table, ratios, summari
 from ._peer_servers import CbamServe, PyTriton, Served, TorchServe, copy_models_package
 from ._report import describe_machine
 from ._side_by_side import measure_side_by_side
-from .bench import _cpu_set, _int_list
+from .bench import _cpu_set, _int_list, doc_parser
 
 __all__ = ["main", "reference_probabilities"]
 
@@ -282,12 +282,7 @@ def _print_report(report: dict, console: Console) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="cbam-bench --peers",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="\n\n".join(__doc__.split("\n\n")[2:]),
-    )
+    parser = doc_parser("cbam-bench --peers", __doc__)
     parser.add_argument(
         "--setup", action="store_true", help="create the peers' venvs under --peer-venvs from PyPI, then stop"
     )
