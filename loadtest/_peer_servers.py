@@ -167,12 +167,19 @@ class _PeerProcess:
                 start_new_session=True,
             )
         deadline = time.monotonic() + self.timeout
-        while not self.ready():
+        while not self._ready_or_stop():
             if self.process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
                 what = "exited" if self.process.returncode is not None else f"not ready in {self.timeout:g} s"
+                self.stop()
                 raise RuntimeError(f"{' '.join(self.command[:3])} ... {what}; its log ends:\n{self.tail()}")
             time.sleep(0.5)
+
+    def _ready_or_stop(self) -> bool:
+        try:
+            return self.ready()
+        except Exception:
+            self.stop()
+            raise
 
     def stop(self) -> None:
         if self.process is None:
@@ -365,6 +372,11 @@ class TorchServe(_FromVenv):
         super().start()
 
     def _ready(self) -> bool:
+        # TorchServe restarts a worker that dies loading the model, for ever: say why at once instead.
+        if "Backend worker process died" in self._process.log.read_text(errors="replace"):
+            raise RuntimeError(
+                f"a TorchServe worker died loading the model; its log ends:\n{self._process.tail(60)}"
+            )
         url = f"http://127.0.0.1:{self.ports['management']}/models/{self.model_name}"
         try:
             with urllib.request.urlopen(url, timeout=5) as response:

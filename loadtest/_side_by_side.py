@@ -235,8 +235,8 @@ def _wait_idle(server: Served, busy_cores: float = 0.1, step: float = 0.5, timeo
 
 
 def _start_all(servers: Sequence[Served], cpus: set[int] | None, progress: Callable[[str], None]) -> None:
-    """Start them side by side (each thread pinned first, so its server inherits the cores); if one fails
-    to start, stop the others and say why."""
+    """Start them side by side (each thread pinned first, so its server inherits the cores). If one fails
+    to start, or the user interrupts, stop them all (their start loops then see their processes end)."""
 
     def start(server: Served) -> None:
         if cpus is not None:
@@ -246,11 +246,23 @@ def _start_all(servers: Sequence[Served], cpus: set[int] | None, progress: Calla
         server.start()
         progress(f"{server.name} serving on {server.target} after {time.monotonic() - started:.0f} s")
 
-    with concurrent.futures.ThreadPoolExecutor(len(servers)) as pool:
-        failures = [f.exception() for f in [pool.submit(start, s) for s in servers] if f.exception()]
-    if failures:
+    pool = concurrent.futures.ThreadPoolExecutor(len(servers))
+    starts = [pool.submit(start, server) for server in servers]
+
+    def abandon() -> None:
         _stop_all(servers)
-        raise SystemExit("cbam-bench --peers: " + "\n".join(str(exc) for exc in failures))
+        pool.shutdown(cancel_futures=True)  # waits for the start loops, which end with their processes
+        _stop_all(servers)  # any that got as far as starting meanwhile
+
+    try:
+        done, _ = concurrent.futures.wait(starts, return_when=concurrent.futures.FIRST_EXCEPTION)
+    except BaseException:  # Ctrl-C while they start
+        abandon()
+        raise
+    if failures := [str(f.exception()) for f in done if f.exception() is not None]:
+        abandon()
+        raise SystemExit("cbam-bench --peers: " + "\n".join(failures))
+    pool.shutdown()
 
 
 def _stop_all(servers: Sequence[Served]) -> None:

@@ -52,11 +52,19 @@ ARCH = "cbam_resnet50"
 SERVERS = ("cbam-serve", "triton", "torchserve")
 DEFAULT_VENVS = Path.home() / ".cache" / "cbam-serve" / "peers"
 TORCH = "torch==2.13.0"  # the CPU wheel, as scripts/setup.sh installs it; installed first
+# safetensors and numpy: our models package and launchers need them. TorchServe installs neither; its
+# worker also needs PyYAML, which it does not install either.
 PEER_PACKAGES = {
-    "triton": ("pytriton", ["nvidia-pytriton==0.7.0", "safetensors>=0.4"]),
+    "triton": ("pytriton", ["nvidia-pytriton==0.7.0", "safetensors>=0.4", "numpy>=1.24"]),
     "torchserve": (
         "torchserve",
-        ["torchserve==0.12.0", "torch-model-archiver==0.12.0", "pyyaml>=6", "safetensors>=0.4"],
+        [
+            "torchserve==0.12.0",
+            "torch-model-archiver==0.12.0",
+            "pyyaml>=6",
+            "safetensors>=0.4",
+            "numpy>=1.24",
+        ],
     ),
 }
 # A batching server answers in bursts of a batch: at concurrency 32 a window holds about ten of them, so

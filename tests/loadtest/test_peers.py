@@ -5,11 +5,14 @@ timed: nothing here depends on how fast the machine is)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
@@ -25,7 +28,7 @@ from loadtest._peer_report import (
     summarise,
     trust,
 )
-from loadtest._peer_servers import Answer, CbamServe, Served
+from loadtest._peer_servers import Answer, CbamServe, Served, _PeerProcess
 from loadtest._side_by_side import _Generator, _measure, _verify, check_answer, measure_side_by_side
 from loadtest._wire import grpc_frame, model_infer_request, predictions_request, read_fields
 from loadtest.bench import main as bench_main
@@ -55,7 +58,10 @@ class FakePeer(Served):
             stdout=subprocess.PIPE,
             text=True,
         )
-        self.target = f"127.0.0.1:{int(self.process.stdout.readline())}"
+        port = self.process.stdout.readline()
+        if not port:
+            raise RuntimeError(f"the fake peer exited ({self.process.wait(30)}) before serving")
+        self.target = f"127.0.0.1:{int(port)}"
 
     def stop(self) -> None:
         if self.process is not None:
@@ -169,6 +175,19 @@ def test_a_peer_answering_grpc_errors_counts_errors_not_throughput(default_model
         peer.stop()
     summary = summarise([{**row, "round": 0}])
     assert "fake at concurrency 2 answered nothing in some round" in trust([{**row, "round": 0}], summary, 3)
+
+
+def test_one_server_failing_to_start_stops_the_others(default_model, tmp_path):
+    pixels, reference = default_model
+    cbam = CbamServe(DEFAULT_CHECKPOINT)
+    broken = FakePeer(top1(reference))
+    broken.args[1] = "not-a-class"  # --index: the stand-in refuses its arguments and exits
+    with pytest.raises(SystemExit, match=r"the fake peer exited \(2\) before serving"):
+        measure_side_by_side(
+            [cbam, broken], pixels, reference, workdir=tmp_path, concurrency=[1], rounds=1, seconds=1.0,
+            warmup_seconds=0.1, progress=lambda text: None,
+        )  # fmt: skip
+    assert not psutil.pid_exists(cbam.pids()[0])  # started beside it, then stopped (and reaped)
 
 
 def test_a_wrong_answer_is_named(default_model):
@@ -323,3 +342,28 @@ def test_peers_help_comes_through_cbam_bench(capsys):
     assert exited.value.code == 0
     shown = capsys.readouterr().out
     assert "--peer-venvs" in shown and "--setup" in shown and "h2load" in shown
+
+
+def test_a_peer_that_dies_at_start_is_reported_with_its_log(tmp_path):
+    dying = [sys.executable, "-c", "print('no model here', flush=True); raise SystemExit(3)"]
+    process = _PeerProcess(dying, env=server_env(), cwd=tmp_path, ready=lambda: False, timeout=120)
+    with pytest.raises(RuntimeError, match=r"(?s)exited; its log ends:\nno model here"):
+        process.start()
+
+
+def test_stopping_a_peer_stops_its_children_too(tmp_path):
+    """A peer is a process tree (PyTriton: launcher, tritonserver, stub; TorchServe: CLI, JVM, workers)."""
+    tree = ["sh", "-c", "sleep 300 & sleep 300 & wait"]
+    process = _PeerProcess(tree, env=server_env(), cwd=tmp_path, ready=lambda: True, timeout=120)
+    process.start()
+    group = process.process.pid
+    children = psutil.Process(group).children(recursive=True)
+    deadline = time.monotonic() + 60
+    while len(children) < 2 and time.monotonic() < deadline:  # the shell starts them as it gets the CPU
+        time.sleep(0.05)
+        children = psutil.Process(group).children(recursive=True)
+    assert len(children) == 2
+    process.stop()
+    with pytest.raises(ProcessLookupError):
+        os.killpg(group, 0)
+    assert not any(child.is_running() and child.status() != psutil.STATUS_ZOMBIE for child in children)
