@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
+import os
 import subprocess
 import sys
 import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -26,7 +28,9 @@ class LaunchedServer:
     of its log is drained in a thread so the pipe never fills, and its tail is kept for error messages.
     """
 
-    def __init__(self, args: list[str], startup_timeout: float = 300.0) -> None:
+    def __init__(self, args: list[str], startup_timeout: float = 300.0, checkout: Path | None = None) -> None:
+        """``checkout``: run the server code of that source tree (a worktree of main, say), not this one."""
+        self.checkout = checkout
         self.args = [
             sys.executable,
             "-m",
@@ -69,9 +73,19 @@ class LaunchedServer:
         self.stop()
 
     def start(self) -> None:
+        env = None
+        if self.checkout is not None:  # its packages first on the path, its proto/ for the stubs
+            path = [str(self.checkout), str(self.checkout / "proto"), os.environ.get("PYTHONPATH", "")]
+            # No __pycache__ written into someone else's tree.
+            env = {
+                **os.environ,
+                "PYTHONPATH": os.pathsep.join(p for p in path if p),
+                "PYTHONDONTWRITEBYTECODE": "1",
+            }
         self._process = subprocess.Popen(
-            self.args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-        )
+            self.args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            cwd=self.checkout, env=env,
+        )  # fmt: skip
         found = threading.Event()
         self._reader = threading.Thread(target=self._read_log, args=(found,), daemon=True)
         self._reader.start()
