@@ -8,8 +8,10 @@ import inspect
 import pytest
 
 MODULES = [
-    "app", "auth", "batcher", "config", "errors", "logs", "metrics", "pipeline", "postprocess",
-    "preprocess", "runner", "service", "__main__",
+    "app", "assembly", "auth", "batcher", "config", "errors", "loading", "logs", "metrics", "pipeline",
+    "postprocess", "preprocess", "runner", "service", "tuning", "__main__",
+    "backends", "backends.auto", "backends.base", "backends.cache", "backends.compiled", "backends.eager",
+    "backends.onnx",
 ]  # fmt: skip
 
 
