@@ -210,7 +210,10 @@ class ModelRunner:
             except Exception as exc:  # whatever stops it (not installed, export, check), the next one
                 if name == candidates[-1][0]:
                     raise
-                _log.warning(
+                # Not installed is a choice the deployment made; a failed build or check is a fault.
+                level = logging.INFO if isinstance(exc, BackendUnavailable) else logging.WARNING
+                _log.log(
+                    level,
                     "backend fallback",
                     extra={"fields": {"requested": AUTO, "backend": name, "error": str(exc),
                                       "seconds": round(time.monotonic() - started, 3)}},
