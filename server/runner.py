@@ -287,25 +287,31 @@ class ModelRunner:
     def _check_against_eager(
         self, backend: ModelBackend, name: str, atol: float = 1e-3, rtol: float = 1e-3
     ) -> None:
-        """Refuse to serve a backend whose logits or maps differ from the eager module's."""
+        """Refuse to serve a backend whose logits or maps differ from the eager module's: a batch
+        without maps (the usual one, which a backend may run on a path of its own) and one with every
+        map."""
         if isinstance(backend, EagerBackend):
             return
         height, width = self.description.input_size
         generator = torch.Generator().manual_seed(0)
         pixels = torch.randint(0, 256, (3, height, width, 3), dtype=torch.uint8, generator=generator)
         blocks = frozenset(self.description.attention_blocks) or None
-        items = [BatchItem(p, blocks) for p in pixels]
         with self._dtype_errors():
-            got = self._forward(items, backend)
+            plain = self._forward([BatchItem(p) for p in pixels], backend)
+            got = self._forward([BatchItem(p, blocks) for p in pixels], backend)
             with torch.inference_mode():
-                x = self._assembler.assemble([item.tensor for item in items])
+                x = self._assembler.assemble(list(pixels))
                 if blocks:
                     want, maps = self._model.forward_with_attention(x, blocks=sorted(blocks))
                 else:
                     want, maps = self._model(x), {}
                 want = want.float().cpu()
         allowed = atol + rtol * want.abs().max().item()
-        error = max((out.logits - want[row]).abs().max().item() for row, out in enumerate(got))
+        error = max(
+            (out.logits - want[row]).abs().max().item()
+            for outputs in (plain, got)
+            for row, out in enumerate(outputs)
+        )
         for block, m in maps.items():
             for kind, t in (("channel", m.channel), ("spatial", m.spatial)):
                 if t is not None:

@@ -19,8 +19,10 @@ from torch import nn
 from cbam.v1 import inference_pb2 as pb
 from models import CheckpointMetadata
 from server.backends import AUTO, backend_choices, list_backends, register_backend
+from server.backends.base import ModelBackend
 from server.config import ModelSettings, load_settings
 from server.errors import StartupError
+from server.loading import load_model
 from server.runner import BatchItem, ModelRunner
 from tests.server.conftest import png
 from tests.support import ROOT, server_env
@@ -130,6 +132,21 @@ def test_auto_falls_back_to_eager_when_onnxruntime_fails_its_check(tmp_path: Pat
     # Asked for by name, the same backend is refused instead.
     with pytest.raises(StartupError, match="model.backend: onnxruntime differs from eager"):
         ModelRunner(_ExportsDifferently(), meta, backend="onnxruntime", max_batch_size=2)
+
+
+def test_the_check_covers_batches_without_maps_too() -> None:
+    class PlainPathWrong(ModelBackend):
+        """Right maps, wrong logits when no map is asked for: what a bad compiled graph would give
+        (compile runs batches with maps eagerly)."""
+
+        def run(self, x, blocks):
+            if blocks is None:
+                return self.model(x) + 1.0, {}
+            return self.model.forward_with_attention(x, blocks=list(blocks))
+
+    model, meta = load_model(ModelSettings())
+    with pytest.raises(StartupError, match="model.backend: PlainPathWrong differs from eager"):
+        ModelRunner(model, meta, backend=PlainPathWrong(model))
 
 
 @onnx_installed
