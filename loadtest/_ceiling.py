@@ -173,13 +173,17 @@ def resolve_backend(backend: str, input_size: tuple[int, int]) -> str:
 
 def backend_callable(model, backend: str, input_size: tuple[int, int]):
     """What the ceiling times: the module itself, or the server's backend built from it (``backend`` a
-    registered name, not auto: see resolve_backend)."""
+    registered name, not auto: see resolve_backend), with the server's default artefact cache, so
+    that an export or a compilation made here is not made again by the servers the bench starts."""
     if backend == "eager":
         return model
     from server.backends import create_backend  # the server's own code path, so the ceiling is its
     from server.backends.base import BackendTarget
+    from server.backends.cache import ArtefactCache
+    from server.config import default_cache_dir
 
     threads = configure_threads()
-    target = BackendTarget(torch.device("cpu"), torch.float32, input_size, threads)
+    cache = ArtefactCache(default_cache_dir())
+    target = BackendTarget(torch.device("cpu"), torch.float32, input_size, threads, cache)
     built = create_backend(backend, model, target)
     return lambda x: built.run(x, None)[0]
