@@ -3,8 +3,8 @@
 falls back to the next when it cannot be built or differs; eager, last, always serves.
 
 Only backends that start within seconds are candidates: ``compile`` serves cbam_resnet50 a little
-faster than ONNX Runtime on a CPU but takes minutes at its first start, so it stays a choice to make
-by name.
+faster than ONNX Runtime on a CPU but takes minutes to start (even with its kernels cached), so it
+stays a choice to make by name.
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ from server.backends.base import BackendTarget
 
 __all__ = ["auto_backend", "auto_candidates"]
 
-# Measured on a 2-core CPU (docs/PERFORMANCE.md): served throughput, cbam-bench at concurrency 1 and
-# 16-32, the default model and cbam_resnet50, eager against onnxruntime against compile.
+# Measured on a 2-core CPU (docs/PERFORMANCE.md, "model.backend auto"): served throughput and p50,
+# eager, onnxruntime and compile interleaved, the default model and cbam_resnet50.
 _CPU = [
-    ("onnxruntime", "fastest served on the CPU for the default model and cbam_resnet50, "
-                    "and its export is cached"),
-    ("eager", "no start-up cost"),
+    ("onnxruntime", "served fastest on a CPU among the backends that start in seconds "
+                    "(docs/PERFORMANCE.md); its export is cached between starts"),
+    ("eager", "the reference; needs nothing installed or built"),
 ]  # fmt: skip
 # No GPU was at hand to measure on: eager (with CUDA's own kernels) until a measurement says otherwise.
 _OTHER = [("eager", "not measured on this device; eager is the reference")]

@@ -58,6 +58,10 @@ class OnnxRuntimeBackend(ModelBackend):
         options.inter_op_num_threads = 1  # one batch at a time, as in the torch backends
         options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Its pool's threads spin between ops by default, taking the core from the event loop and
+        # gRPC's threads that share it: on a busy 2-core machine, served throughput doubled for
+        # cbam_resnet50 (and rose for the default model) without spinning (docs/PERFORMANCE.md).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.log_severity_level = 3  # errors only: its warnings about unused initialisers are noise
         providers: list = ["CPUExecutionProvider"]
         if target.device.type == "cuda":
