@@ -264,6 +264,7 @@ def _tracing_cost(
     _, input_size, _ = build_model(args.arch, args.input_size)
     image = np.random.default_rng(0).integers(0, 256, (*input_size, 3), dtype=np.uint8)
     payload = image if args.payload == "tensor" else _png(image)
+    args.backend = resolve_backend(args.backend, input_size)  # by name: a baseline checkout may predate auto
     flags = (["--arch", args.arch] if args.arch else []) + ["--model.backend", args.backend, *args.server_arg]
     cost = measure_tracing_cost(
         payload,
