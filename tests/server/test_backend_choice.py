@@ -163,6 +163,20 @@ def test_the_second_start_loads_the_cached_export(tmp_path: Path, caplog) -> Non
 
 
 @onnx_installed
+def test_a_damaged_cached_export_is_made_again(tmp_path: Path, caplog) -> None:
+    caplog.set_level(logging.INFO)
+    settings = ModelSettings(device="cpu", backend="onnxruntime", cache_dir=tmp_path)
+    ModelRunner.from_settings(settings)
+    (cached,) = (tmp_path / "onnx").glob("*.onnx")
+    cached.write_bytes(b"not an ONNX graph")
+    runner = ModelRunner.from_settings(settings)
+    assert runner.description.backend == "onnxruntime"
+    assert [e["result"] for e in _events(caplog.records, "backend cache")] == ["miss", "miss"]
+    (unusable,) = _events(caplog.records, "cached ONNX file unusable")
+    assert unusable["path"] == str(cached) and cached.stat().st_size > 1000  # replaced by a fresh export
+
+
+@onnx_installed
 def test_a_different_model_is_not_served_from_another_ones_export(tmp_path: Path, caplog) -> None:
     caplog.set_level(logging.INFO)
     for seed in (0, 1):
