@@ -20,7 +20,7 @@ from ._errors import (
 from ._images import ImageInput
 from ._retry import RetryPolicy
 from ._sync import Client
-from ._types import BatchingInfo, LabelScore, ModelInfo, Prediction, StreamResult, Timings
+from ._types import BatchingInfo, LabelScore, ModelInfo, Prediction, StreamResult, Timings, WorkerInfo
 
 __all__ = [
     "AsyncClient",
@@ -40,5 +40,6 @@ __all__ = [
     "Timings",
     "TlsConfig",
     "UnavailableError",
+    "WorkerInfo",
     "build_target",
 ]

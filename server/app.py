@@ -3,12 +3,16 @@
 server, port = build_server(settings)   # model loaded, port bound, nothing running yet
 await server.start()                     # NOT_SERVING -> warm-up -> SERVING
 await server.stop(grace)                 # NOT_SERVING, finish in-flight and queued calls
+
+One process serves here; with ``workers`` above 1, server/supervisor.py runs several such processes
+(server/worker.py) on one port.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import ssl
 
@@ -46,6 +50,7 @@ class InferenceServer:
         health: HealthServicer,
         metrics: ServerMetrics,
         port: int,
+        model_info: pb.ModelInfo,
     ) -> None:
         self.settings = settings
         self.grpc_server = grpc_server
@@ -54,27 +59,26 @@ class InferenceServer:
         self.health = health
         self.metrics = metrics
         self.port = port
+        # What GetModelInfo answers; a worker updates its `workers` as the supervisor reports them.
+        self.model_info = model_info
         self.metrics_port: int | None = None
         self._metrics_endpoint: MetricsEndpoint | None = None
 
-    async def start(self) -> None:
-        """Accept calls, warm up (health NOT_SERVING meanwhile), then report SERVING."""
+    async def start(self, *, serving: bool = True) -> None:
+        """Accept calls, warm up (health NOT_SERVING meanwhile), then report SERVING; with ``serving``
+        False, stay NOT_SERVING until ``set_serving(True)`` (a worker waits for the others)."""
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         if self.settings.metrics.enabled:
             m = self.settings.metrics
-            try:
-                self._metrics_endpoint = MetricsEndpoint(self.metrics.registry, m.host, m.port)
-            except OSError as exc:
-                raise StartupError(
-                    "metrics.port", f"cannot listen on {m.host}:{m.port}: {exc.strerror}"
-                ) from None
+            self._metrics_endpoint = MetricsEndpoint(self.metrics.registry, m.host, m.port)
             self.metrics_port = self._metrics_endpoint.port
         await self.grpc_server.start()
         self.pipeline.start()
         await self.pipeline.warm_up()
-        for name in ("", SERVICE_NAME):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if serving:
+            self.model_info.workers[0].ready = True
+            await self.set_serving(True)
         d = self.pipeline.description
         fields = {
             "port": self.port,
@@ -87,8 +91,16 @@ class InferenceServer:
             "max_batch_size": self.settings.batching.max_batch_size,
             "torch_threads": torch.get_num_threads(),
             "torch_interop_threads": torch.get_num_interop_threads(),
+            "preprocess_threads": self.pipeline.preprocess_threads,
         }
-        _log.info("serving", extra={"fields": fields})
+        _log.info("serving" if serving else "warmed up", extra={"fields": fields})
+
+    async def set_serving(self, serving: bool) -> None:
+        """Health SERVING or NOT_SERVING for every service; ignored once draining."""
+        statuses = health_pb2.HealthCheckResponse
+        status = statuses.SERVING if serving else statuses.NOT_SERVING
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain, then stop. ``grace`` (settings.grace_seconds by default) bounds the wait for what
@@ -115,12 +127,18 @@ class InferenceServer:
         _log.info("stopped", extra={"fields": {}})
 
 
-def build_server(settings: Settings, *, runner: ModelRunner | None = None) -> tuple[InferenceServer, int]:
+def build_server(
+    settings: Settings, *, runner: ModelRunner | None = None, share_port: bool = False
+) -> tuple[InferenceServer, int]:
     """Load the model and bind the port (0 picks a free one); call within a running event loop.
 
     ``runner`` replaces the model that settings.model describes: a seam for tests, not a setting.
+    ``share_port``: bind with SO_REUSEPORT, beside the other workers of one supervisor (which has
+    already made sure no independent server holds the port).
     """
     configure_torch_threads()
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
     configure_malloc()
     metrics = ServerMetrics()
     if runner is None:
@@ -142,14 +160,16 @@ def build_server(settings: Settings, *, runner: ModelRunner | None = None) -> tu
             ("grpc.max_receive_message_length", limits.max_message_bytes),
             ("grpc.max_send_message_length", -1),
             ("grpc.max_concurrent_streams", limits.max_concurrent_streams),
-            ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share it
+            # A second server on the same port must fail, not share it; workers share it on purpose.
+            ("grpc.so_reuseport", 1 if share_port else 0),
         ],
         maximum_concurrent_rpcs=limits.max_concurrent_rpcs,
         interceptors=_interceptors(settings, metrics),
     )
     calls = CallTracker(metrics)
+    model_info = _model_info(d, settings)
     servicer = InferenceServicer(
-        pipeline, _model_info(d, settings), calls, limits.max_stream_inflight, limits.max_batch_items
+        pipeline, model_info, calls, limits.max_stream_inflight, limits.max_batch_items
     )
     inference_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, server)
     health = HealthServicer()
@@ -165,7 +185,7 @@ def build_server(settings: Settings, *, runner: ModelRunner | None = None) -> tu
     port = _add_port(server, address, settings)
     if (warning := plaintext_warning(settings)) is not None:
         _log.warning(warning, extra={"fields": {"host": settings.host, "port": port}})
-    return InferenceServer(settings, server, pipeline, calls, health, metrics, port), port
+    return InferenceServer(settings, server, pipeline, calls, health, metrics, port, model_info), port
 
 
 async def serve(settings: Settings) -> None:
@@ -205,6 +225,9 @@ def _model_info(d: ModelDescription, settings: Settings) -> pb.ModelInfo:
         max_image_pixels=settings.limits.max_image_pixels,
         max_message_bytes=settings.limits.max_message_bytes,
         max_batch_items=settings.limits.max_batch_items,
+        # This process alone; a worker's list is replaced by the supervisor's view of every worker.
+        workers=[pb.WorkerInfo(index=0, pid=os.getpid())],
+        worker=0,
     )
 
 

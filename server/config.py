@@ -45,6 +45,7 @@ __all__ = [
 ]
 
 _DEVICE_PATTERN = r"^(auto|cpu|cuda(:\d+)?|mps)$"
+MAX_WORKERS = 64
 
 
 class _Group(BaseModel):
@@ -275,7 +276,24 @@ class Settings(BaseSettings):
     )
     reflection: bool = Field(True, description="Offer gRPC server reflection.")
     preprocess_threads: int = Field(
-        0, ge=0, description="Threads that decode and resize images; 0 = half the usable cores, at least 1."
+        0,
+        ge=0,
+        description="Threads that decode and resize images, per worker; 0 = half the worker's share of "
+        "the usable cores, at least 1.",
+    )
+    torch_threads: int = Field(
+        0,
+        ge=0,
+        description="Intra-op threads of one worker's forward pass; 0 = the worker's share of the usable "
+        "cores (all of them with one worker).",
+    )
+    workers: int = Field(
+        0,
+        ge=0,
+        le=MAX_WORKERS,
+        description="Server processes sharing the gRPC port, each with its own model replica, batcher and "
+        "share of the cores, under one supervisor; 0 = auto: one per 4 usable cores on a GPU "
+        "(at most 4), else 1 (docs/OPERATIONS.md).",
     )
     model: ModelSettings = ModelSettings()
     batching: Batching = Batching()

@@ -85,8 +85,8 @@ class InferencePipeline:
         self._blocks = frozenset(d.attention_blocks)
         # Preprocessing gets a few threads, inference one: the forward already uses every core
         # (torch intra-op threads), and a second forward would only fight the first for them.
-        threads = settings.preprocess_threads or max(1, usable_cores() // 2)
-        self._preprocess_pool = ThreadPoolExecutor(threads, thread_name_prefix="preprocess")
+        self.preprocess_threads = settings.preprocess_threads or max(1, usable_cores() // 2)
+        self._preprocess_pool = ThreadPoolExecutor(self.preprocess_threads, thread_name_prefix="preprocess")
         self._inference_pool = ThreadPoolExecutor(1, thread_name_prefix="inference")
         self.batcher: DynamicBatcher[_Work, _Done] = DynamicBatcher(
             self._run_batch,

@@ -9,7 +9,7 @@ import pytest
 
 MODULES = [
     "app", "auth", "batcher", "config", "errors", "logs", "metrics", "pipeline", "postprocess",
-    "preprocess", "runner", "service", "__main__",
+    "preprocess", "runner", "service", "supervisor", "worker", "__main__",
 ]  # fmt: skip
 
 
