@@ -11,10 +11,12 @@ One process serves here; with ``workers`` above 1, server/supervisor.py runs sev
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import ssl
+from collections.abc import Awaitable, Callable
 
 import grpc
 import torch
@@ -102,13 +104,18 @@ class InferenceServer:
         for name in ("", SERVICE_NAME):
             await self.health.set(name, status)
 
-    async def stop(self, grace: float | None = None) -> None:
+    async def stop(
+        self, grace: float | None = None, *, others_drained: Callable[[], Awaitable[None]] | None = None
+    ) -> None:
         """Drain, then stop. ``grace`` (settings.grace_seconds by default) bounds the wait for what
         was already taken; anything still running after it is cancelled.
 
         1. health NOT_SERVING for every service, then ``drain_delay_seconds`` of normal serving;
         2. new calls (and new stream items) are answered UNAVAILABLE, while everything taken
            (preprocessing, queued, computing) is finished: the batcher runs until its queue is empty;
+           a worker then goes on answering UNAVAILABLE until ``others_drained()`` returns (every worker
+           has drained), within the grace: had it closed first, its clients would reconnect to a
+           worker that has, and their calls be cancelled rather than refused;
         3. gRPC stops accepting, and the inference threads and /metrics endpoint close.
         """
         grace = self.settings.grace_seconds if grace is None else grace
@@ -120,6 +127,9 @@ class InferenceServer:
         deadline = loop.time() + grace
         self.calls.refuse_new_work()
         await self.calls.wait_drained(timeout=grace)
+        if others_drained is not None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(others_drained(), max(0.0, deadline - loop.time()))
         await self.grpc_server.stop(max(0.0, deadline - loop.time()))
         await self.pipeline.close()
         if self._metrics_endpoint is not None:

@@ -41,6 +41,8 @@ from server.metrics import MetricsEndpoint, SupervisorMetrics, WorkerExpositions
 
 __all__ = [
     "GroupState",
+    "Close",
+    "Drained",
     "Loaded",
     "Supervisor",
     "Warm",
@@ -81,6 +83,16 @@ class Warm:
     """Worker -> supervisor: warmed up; its /metrics is on 127.0.0.1:metrics_port (None: off)."""
 
     metrics_port: int | None
+
+
+@dataclass(frozen=True)
+class Drained:
+    """Worker -> supervisor, when stopping: everything it took is answered; it refuses new calls."""
+
+
+@dataclass(frozen=True)
+class Close:
+    """Supervisor -> every worker, when stopping: every worker has drained; close the port."""
 
 
 @dataclass(frozen=True)
@@ -193,6 +205,7 @@ class _Worker:
     conn: Connection | None = None
     loaded: asyncio.Event = field(default_factory=asyncio.Event)
     ready: bool = False
+    drained: bool = False
     metrics_port: int | None = None
     restarts: int = 0
     deaths: list[float] = field(default_factory=list)  # monotonic times, within the crash window
@@ -218,6 +231,7 @@ class Supervisor:
         self._stop = asyncio.Event()
         self._stopping = False
         self._serving_once = False
+        self._closed = False  # Close sent
         self._exit_code = 0
         self._spec_settings = settings  # until the port is known: see run()
         self.port: int | None = None
@@ -292,6 +306,7 @@ class Supervisor:
             )
         worker.conn = Connection(ours.detach())
         worker.loaded.clear()
+        worker.drained = False
         worker.conn.send(WorkerSpec(worker.index, self._spec_settings))
         asyncio.get_running_loop().add_reader(worker.conn.fileno(), self._receive, worker)
         _log.info("worker started", extra={"fields": {"worker": worker.index, "pid": worker.process.pid}})
@@ -308,6 +323,9 @@ class Supervisor:
                 elif isinstance(message, Warm):
                     worker.ready, worker.metrics_port = True, message.metrics_port
                     self._publish()
+                elif isinstance(message, Drained):
+                    worker.drained = True
+                    self._close_when_drained()
         except (EOFError, OSError):  # it exited; _keep hears of it from wait()
             asyncio.get_running_loop().remove_reader(conn.fileno())
 
@@ -318,6 +336,7 @@ class Supervisor:
             worker.conn = None
         worker.ready, worker.metrics_port = False, None
         self._publish()
+        self._close_when_drained()
 
     def _publish(self) -> None:
         """Tell every worker the group's state, and update the gauges (and, once, log "serving")."""
@@ -345,6 +364,15 @@ class Supervisor:
             if worker.conn is not None:
                 with contextlib.suppress(OSError):  # it is exiting; _keep hears of it
                     worker.conn.send(group)
+
+    def _close_when_drained(self) -> None:
+        """While stopping: once every running worker has drained, let them all close the port."""
+        running = [w for w in self._workers if w.pid]
+        if self._stopping and not self._closed and all(w.drained for w in running):
+            self._closed = True
+            for worker in running:
+                with contextlib.suppress(OSError):
+                    worker.conn.send(Close())  # type: ignore[union-attr]
 
     def _fail(self, exit_code: int) -> None:
         self._exit_code = exit_code

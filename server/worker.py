@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 from multiprocessing.connection import Connection
@@ -21,7 +22,7 @@ from cbam.v1 import inference_pb2 as pb
 from server.app import InferenceServer, build_server
 from server.errors import StartupError
 from server.logs import configure_logging
-from server.supervisor import EXIT_BAD_SETTINGS, GroupState, Loaded, Warm, WorkerSpec
+from server.supervisor import EXIT_BAD_SETTINGS, Close, Drained, GroupState, Loaded, Warm, WorkerSpec
 
 __all__ = ["main"]
 
@@ -42,6 +43,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _exit(status: int) -> None:
+    """Exit without the interpreter's teardown, as multiprocessing's children do: everything was
+    closed in order already, and tearing down torch's modules took seconds of every drain (2-4 s
+    here), during which the supervisor waited."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
 async def _serve(spec: WorkerSpec, conn: Connection) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -60,7 +71,7 @@ async def _serve(spec: WorkerSpec, conn: Connection) -> None:
         await server.stop(0)
         raise
     await stop.wait()
-    await server.stop()
+    await server.stop(others_drained=link.others_drained)
 
 
 class _SupervisorLink:
@@ -72,7 +83,13 @@ class _SupervisorLink:
         self._server = server
         self._stop = stop
         self._health: asyncio.Task[None] | None = None  # the last health change, applied in order
+        self._closing = asyncio.Event()  # every worker has drained (or the supervisor is gone)
         asyncio.get_running_loop().add_reader(conn.fileno(), self._receive)
+
+    async def others_drained(self) -> None:
+        """Say this worker has drained, and wait until every other has too."""
+        self.send(Drained())
+        await self._closing.wait()
 
     def send(self, message: object) -> None:
         with contextlib.suppress(OSError):  # the supervisor is gone; _receive sees EOF and stops us
@@ -84,8 +101,11 @@ class _SupervisorLink:
                 message = self._conn.recv()
                 if isinstance(message, GroupState):
                     self._apply(message)
+                elif isinstance(message, Close):
+                    self._closing.set()
         except (EOFError, OSError):
             asyncio.get_running_loop().remove_reader(self._conn.fileno())
+            self._closing.set()
             if not self._stop.is_set():
                 _log.warning("supervisor gone: draining", extra={"fields": {}})
                 self._stop.set()
@@ -107,4 +127,4 @@ class _SupervisorLink:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit(main())
