@@ -33,16 +33,17 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from pathlib import Path
 
 from server.config import Settings, usable_cores
 from server.errors import StartupError
 from server.metrics import MetricsEndpoint, SupervisorMetrics, WorkerExpositions
 
 __all__ = [
-    "GroupState",
+    "CORES_PER_WORKER",
+    "MAX_AUTO_WORKERS",
     "Close",
     "Drained",
+    "GroupState",
     "Loaded",
     "Supervisor",
     "Warm",
@@ -62,6 +63,8 @@ _BACKOFF_MAX_S = 30.0
 _CRASH_WINDOW_S = 60.0
 _CRASHES_ALLOWED = 5  # deaths of one worker within the window; one more stops the server
 _STOP_MARGIN_S = 15.0  # beyond a worker's own grace, before it is killed
+CORES_PER_WORKER = 4  # workers=0 (auto): one per this many usable cores...
+MAX_AUTO_WORKERS = 8  # ...and at most this many
 
 
 # The messages between supervisor and workers, pickled over a socket pair (multiprocessing.connection).
@@ -112,20 +115,19 @@ class GroupState:
 
 
 def worker_count(settings: Settings) -> int:
-    """``settings.workers``, or for 0 (auto): one worker per 4 usable cores, at most 4, in front of
-    a GPU (the CPU work of decoding and gRPC is then what limits); 1 otherwise, where the forward
-    already uses every core (docs/OPERATIONS.md has the measurements)."""
+    """``settings.workers``, or for 0 (auto) one worker per ``CORES_PER_WORKER`` usable cores, at least
+    1 and at most ``MAX_AUTO_WORKERS``.
+
+    What one process cannot do is spend more than about one core on the work that holds the GIL (the
+    event loop and gRPC's Python side: 0.5-1.1 ms per Classify image, a third to all of a server's CPU
+    outside the forward, docs/PERFORMANCE.md), so a worker per few cores keeps that from capping the
+    server; fewer than 4 cores get one worker, as two on this 2-core machine took 10-40% more CPU per
+    image (each batches half the calls) for no more throughput. The cap bounds the model replicas
+    (and CUDA contexts) a large machine would otherwise get.
+    """
     if settings.workers:
         return settings.workers
-    device = settings.model.device
-    gpu = device.startswith("cuda") or (device == "auto" and _nvidia_device_present())
-    return max(1, min(4, usable_cores() // 4)) if gpu else 1
-
-
-def _nvidia_device_present() -> bool:
-    # Without importing torch (seconds and 200 MB for a process that runs no model): the device
-    # nodes the NVIDIA driver (and its container toolkit, for the GPUs a container may use) creates.
-    return any(Path("/dev").glob("nvidia[0-9]*"))
+    return max(1, min(MAX_AUTO_WORKERS, usable_cores() // CORES_PER_WORKER))
 
 
 def worker_settings(settings: Settings, count: int, port: int) -> Settings:

@@ -28,13 +28,27 @@ def test_an_explicit_worker_count_is_kept() -> None:
     assert worker_count(Settings(workers=3)) == 3
 
 
-def test_auto_is_one_worker_on_a_cpu() -> None:
-    assert worker_count(Settings(model={"device": "cpu"})) == 1
+def test_auto_is_one_worker_per_four_cores_from_one_to_eight() -> None:
+    assert worker_count(Settings()) == max(1, min(8, usable_cores() // 4))
 
 
-def test_auto_on_a_gpu_is_one_worker_per_four_cores_at_most_four() -> None:
-    expected = max(1, min(4, usable_cores() // 4))
-    assert worker_count(Settings(model={"device": "cuda"})) == expected
+@pytest.mark.parametrize(
+    ("files", "cpus"),
+    [
+        ({"cpu.max": "150000 100000\n"}, 1.5),  # cgroup v2, a limit of 1.5 CPUs
+        ({"cpu.max": "max 100000\n"}, None),  # v2, no limit
+        ({"cpu/cpu.cfs_quota_us": "400000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 4.0),  # v1
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),  # v1, no limit
+        ({}, None),  # no cgroup CPU controller to read
+    ],
+)
+def test_a_containers_cpu_limit_counts_as_fewer_cores(tmp_path, files: dict[str, str], cpus) -> None:
+    from server.config import _cpu_quota
+
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert _cpu_quota(tmp_path) == cpus
 
 
 def test_workers_share_the_cores_and_the_port_and_keep_metrics_on_loopback() -> None:
