@@ -118,11 +118,11 @@ def worker_count(settings: Settings) -> int:
     """``settings.workers``, or for 0 (auto) one worker per ``CORES_PER_WORKER`` usable cores, at least
     1 and at most ``MAX_AUTO_WORKERS``.
 
-    What one process cannot do is spend more than about one core on the work that holds the GIL (the
-    event loop and gRPC's Python side: 0.5-1.1 ms per Classify image, a third to all of a server's CPU
-    outside the forward, docs/PERFORMANCE.md), so a worker per few cores keeps that from capping the
-    server; fewer than 4 cores get one worker, as two on this 2-core machine took 10-40% more CPU per
-    image (each batches half the calls) for no more throughput. The cap bounds the model replicas
+    One process cannot spend much more than one core on the work that holds its interpreter lock (the
+    event loop and gRPC's Python side: much of the 0.6-1.1 ms of CPU per one-image call outside the
+    forward, docs/PERFORMANCE.md section 5), so a worker per few cores keeps that from capping the
+    server; fewer than 4 cores get one worker, as two on a 2-core machine took up to 37% more CPU per
+    image (each batches half the calls) for no clear throughput. The cap bounds the model replicas
     (and CUDA contexts) a large machine would otherwise get.
     """
     if settings.workers:
