@@ -116,7 +116,9 @@ class InferenceServer:
            a worker then goes on answering UNAVAILABLE until ``others_drained()`` returns (every worker
            has drained), within the grace: had it closed first, its clients would reconnect to a
            worker that has, and their calls be cancelled rather than refused;
-        3. gRPC stops accepting, and the inference threads and /metrics endpoint close.
+        3. refusals are held until no call has come for a moment (CallTracker.hold_refusals says
+           why), then gRPC sends GOAWAY and stops accepting, the held calls are answered
+           UNAVAILABLE, and the inference threads and /metrics endpoint close.
         """
         grace = self.settings.grace_seconds if grace is None else grace
         _log.info("draining", extra={"fields": {"grace_seconds": grace}})
@@ -130,7 +132,11 @@ class InferenceServer:
         if others_drained is not None:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(others_drained(), max(0.0, deadline - loop.time()))
-        await self.grpc_server.stop(max(0.0, deadline - loop.time()))
+        await self.calls.hold_refusals(timeout=min(1.0, max(0.0, deadline - loop.time())))
+        stopping = asyncio.create_task(self.grpc_server.stop(max(0.0, deadline - loop.time())))
+        await asyncio.sleep(0)  # stop()'s first step: GOAWAY, and gRPC takes no more calls
+        self.calls.release_refusals()
+        await stopping
         await self.pipeline.close()
         if self._metrics_endpoint is not None:
             self._metrics_endpoint.close()

@@ -119,6 +119,8 @@ class CallTracker:
         self._draining = False
         self._active = 0  # calls and stream items taken and not yet answered
         self._last_arrival = 0.0
+        self._refusals_released = asyncio.Event()  # cleared while refusals are held (hold_refusals)
+        self._refusals_released.set()
         self._streams: set[_Stream] = set()
         # (method, code) -> metric children: looking a labelled child up costs a lock and a dict each.
         self._call_children: dict[tuple[str, grpc.StatusCode], tuple] = {}
@@ -139,16 +141,34 @@ class CallTracker:
         for stream in list(self._streams):
             stream.drain()
 
-    async def wait_drained(self, timeout: float, quiet: float = 0.05) -> None:
-        """Wait (at most ``timeout`` s) until nothing taken is unanswered and, for up to a second
-        more, until no call has arrived for ``quiet`` s (so gRPC has handed us what it holds)."""
+    async def wait_drained(self, timeout: float) -> None:
+        """Wait (at most ``timeout`` s) until every call and stream item taken is answered."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while self._active and loop.time() < deadline:
             await asyncio.sleep(0.01)
-        deadline = min(deadline, loop.time() + 1.0)
+
+    async def hold_refusals(self, timeout: float, quiet: float = 0.05) -> None:
+        """From now on hold each refusal (the call waits, taken by us, unanswered) until
+        ``release_refusals()``; return once no call has arrived for ``quiet`` s (at most ``timeout``).
+
+        Why: gRPC's stop() sends GOAWAY and stops taking calls, and a call that has reached gRPC but
+        not yet us is then CANCELLED (gRPC core drops calls still waiting for a handler), which a
+        client cannot tell from "done or not?". A client answered UNAVAILABLE at once sends its retry
+        straight back over the same connection, so under load there is always such a call. Held, each
+        client's call sits with us, no new ones come, and stop() finds nothing waiting; released after
+        the GOAWAY, they answer UNAVAILABLE and the retries go to a new connection (refused: the port
+        is closed) or to another replica.
+        """
+        self._refusals_released.clear()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         while time.monotonic() - self._last_arrival < quiet and loop.time() < deadline:
             await asyncio.sleep(0.01)
+
+    def release_refusals(self) -> None:
+        """Answer the held refusals (UNAVAILABLE) and refuse what comes next at once again."""
+        self._refusals_released.set()
 
     async def answer(
         self,
@@ -163,9 +183,11 @@ class CallTracker:
         self._last_arrival = call.started
         code, message = grpc.StatusCode.OK, ""
         self._metrics.inflight.inc()
-        self._active += 1
+        taken = not self._draining
+        self._active += taken
         try:
-            if self._draining:
+            if not taken:
+                await self._refusals_released.wait()
                 raise ShuttingDown("the server is shutting down; try another replica")
             return await handle(call)
         except asyncio.CancelledError:
@@ -178,7 +200,7 @@ class CallTracker:
                                                                    "method": method}})  # fmt: skip
             return Failure(code, message)
         finally:
-            self._active -= 1
+            self._active -= taken
             self._metrics.inflight.dec()
             self._record(call, code, message)
 
@@ -239,8 +261,10 @@ class CallTracker:
             except Exception as exc:  # reading the requests failed: the call fails with it
                 stream.answers.put_nowait(exc)
 
+        self._last_arrival = time.monotonic()
         self._streams.add(stream)
         if self._draining:
+            await self._refusals_released.wait()
             stream.drain()
         reader = asyncio.create_task(read_all())
         try:
