@@ -16,7 +16,8 @@ import logging
 import os
 import signal
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 
 import grpc
 import torch
@@ -105,7 +106,10 @@ class InferenceServer:
             await self.health.set(name, status)
 
     async def stop(
-        self, grace: float | None = None, *, others_drained: Callable[[], Awaitable[None]] | None = None
+        self,
+        grace: float | None = None,
+        *,
+        close_turn: Callable[[float], AbstractAsyncContextManager[None]] | None = None,
     ) -> None:
         """Drain, then stop. ``grace`` (settings.grace_seconds by default) bounds the wait for what
         was already taken; anything still running after it is cancelled.
@@ -113,12 +117,14 @@ class InferenceServer:
         1. health NOT_SERVING for every service, then ``drain_delay_seconds`` of normal serving;
         2. new calls (and new stream items) are answered UNAVAILABLE, while everything taken
            (preprocessing, queued, computing) is finished: the batcher runs until its queue is empty;
-           a worker then goes on answering UNAVAILABLE until ``others_drained()`` returns (every worker
-           has drained), within the grace: had it closed first, its clients would reconnect to a
-           worker that has, and their calls be cancelled rather than refused;
         3. refusals are held until no call has come for a moment (CallTracker.hold_refusals says
            why), then gRPC sends GOAWAY and stops accepting, the held calls are answered
            UNAVAILABLE, and the inference threads and /metrics endpoint close.
+
+        A worker holds its refusals until ``close_turn(timeout)`` lets it close: the workers close
+        their ports one after another, each once the calls of those closed before it (whose clients
+        reconnect to the port, so to a worker still open) have come and gone quiet. Were two to close
+        at once, calls reconnecting from one could reach the other as it closes, and be CANCELLED.
         """
         grace = self.settings.grace_seconds if grace is None else grace
         _log.info("draining", extra={"fields": {"grace_seconds": grace}})
@@ -129,12 +135,13 @@ class InferenceServer:
         deadline = loop.time() + grace
         self.calls.refuse_new_work()
         await self.calls.wait_drained(timeout=grace)
-        if others_drained is not None:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(others_drained(), max(0.0, deadline - loop.time()))
         await self.calls.hold_refusals(timeout=min(1.0, max(0.0, deadline - loop.time())))
-        stopping = asyncio.create_task(self.grpc_server.stop(max(0.0, deadline - loop.time())))
-        await asyncio.sleep(0)  # stop()'s first step: GOAWAY, and gRPC takes no more calls
+        remaining = max(0.0, deadline - loop.time())
+        async with contextlib.nullcontext() if close_turn is None else close_turn(remaining):
+            if close_turn is not None:  # what the workers closed before this one sent here
+                await self.calls.hold_refusals(timeout=min(1.0, max(0.0, deadline - loop.time())))
+            stopping = asyncio.create_task(self.grpc_server.stop(max(0.0, deadline - loop.time())))
+            await asyncio.sleep(0)  # stop()'s first step: GOAWAY, and gRPC takes no more calls
         self.calls.release_refusals()
         await stopping
         await self.pipeline.close()

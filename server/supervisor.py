@@ -42,6 +42,7 @@ __all__ = [
     "CORES_PER_WORKER",
     "MAX_AUTO_WORKERS",
     "Close",
+    "Closed",
     "Drained",
     "GroupState",
     "Loaded",
@@ -90,12 +91,18 @@ class Warm:
 
 @dataclass(frozen=True)
 class Drained:
-    """Worker -> supervisor, when stopping: everything it took is answered; it refuses new calls."""
+    """Worker -> supervisor, when stopping: everything it took is answered, its callers have gone
+    quiet, and it holds what comes; ready to close its port."""
 
 
 @dataclass(frozen=True)
 class Close:
-    """Supervisor -> every worker, when stopping: every worker has drained; close the port."""
+    """Supervisor -> one worker at a time, once every worker has drained: your turn to close."""
+
+
+@dataclass(frozen=True)
+class Closed:
+    """Worker -> supervisor: its port is closed (GOAWAY sent); the next worker's turn."""
 
 
 @dataclass(frozen=True)
@@ -208,6 +215,8 @@ class _Worker:
     loaded: asyncio.Event = field(default_factory=asyncio.Event)
     ready: bool = False
     drained: bool = False
+    closing: bool = False  # told it may close its port...
+    closed: bool = False  # ...and it has
     metrics_port: int | None = None
     restarts: int = 0
     deaths: list[float] = field(default_factory=list)  # monotonic times, within the crash window
@@ -233,7 +242,6 @@ class Supervisor:
         self._stop = asyncio.Event()
         self._stopping = False
         self._serving_once = False
-        self._closed = False  # Close sent
         self._exit_code = 0
         self._spec_settings = settings  # until the port is known: see run()
         self.port: int | None = None
@@ -308,7 +316,7 @@ class Supervisor:
             )
         worker.conn = Connection(ours.detach())
         worker.loaded.clear()
-        worker.drained = False
+        worker.drained = worker.closing = worker.closed = False
         worker.conn.send(WorkerSpec(worker.index, self._spec_settings))
         asyncio.get_running_loop().add_reader(worker.conn.fileno(), self._receive, worker)
         _log.info("worker started", extra={"fields": {"worker": worker.index, "pid": worker.process.pid}})
@@ -327,7 +335,10 @@ class Supervisor:
                     self._publish()
                 elif isinstance(message, Drained):
                     worker.drained = True
-                    self._close_when_drained()
+                    self._next_to_close()
+                elif isinstance(message, Closed):
+                    worker.closed = True
+                    self._next_to_close()
         except (EOFError, OSError):  # it exited; _keep hears of it from wait()
             asyncio.get_running_loop().remove_reader(conn.fileno())
 
@@ -338,7 +349,7 @@ class Supervisor:
             worker.conn = None
         worker.ready, worker.metrics_port = False, None
         self._publish()
-        self._close_when_drained()
+        self._next_to_close()
 
     def _publish(self) -> None:
         """Tell every worker the group's state, and update the gauges (and, once, log "serving")."""
@@ -367,14 +378,19 @@ class Supervisor:
                 with contextlib.suppress(OSError):  # it is exiting; _keep hears of it
                     worker.conn.send(group)
 
-    def _close_when_drained(self) -> None:
-        """While stopping: once every running worker has drained, let them all close the port."""
-        running = [w for w in self._workers if w.pid]
-        if self._stopping and not self._closed and all(w.drained for w in running):
-            self._closed = True
-            for worker in running:
-                with contextlib.suppress(OSError):
-                    worker.conn.send(Close())  # type: ignore[union-attr]
+    def _next_to_close(self) -> None:
+        """While stopping, once every running worker has drained: let them close their ports one at a
+        time, the next when the last has closed (or exited). See InferenceServer.stop for why."""
+        running = [w for w in self._workers if w.pid and w.conn is not None]
+        if not self._stopping or not all(w.drained for w in running):
+            return
+        if any(w.closing and not w.closed for w in running):  # it says Closed, or exits
+            return
+        worker = next((w for w in running if not w.closing), None)
+        if worker is not None:
+            worker.closing = True
+            with contextlib.suppress(OSError):
+                worker.conn.send(Close())  # type: ignore[union-attr]
 
     def _fail(self, exit_code: int) -> None:
         self._exit_code = exit_code

@@ -16,13 +16,23 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import AsyncIterator
 from multiprocessing.connection import Connection
 
 from cbam.v1 import inference_pb2 as pb
 from server.app import InferenceServer, build_server
 from server.errors import StartupError
 from server.logs import configure_logging
-from server.supervisor import EXIT_BAD_SETTINGS, Close, Drained, GroupState, Loaded, Warm, WorkerSpec
+from server.supervisor import (
+    EXIT_BAD_SETTINGS,
+    Close,
+    Closed,
+    Drained,
+    GroupState,
+    Loaded,
+    Warm,
+    WorkerSpec,
+)
 
 __all__ = ["main"]
 
@@ -71,7 +81,7 @@ async def _serve(spec: WorkerSpec, conn: Connection) -> None:
         await server.stop(0)
         raise
     await stop.wait()
-    await server.stop(others_drained=link.others_drained)
+    await server.stop(close_turn=link.close_turn)
 
 
 class _SupervisorLink:
@@ -83,13 +93,18 @@ class _SupervisorLink:
         self._server = server
         self._stop = stop
         self._health: asyncio.Task[None] | None = None  # the last health change, applied in order
-        self._closing = asyncio.Event()  # every worker has drained (or the supervisor is gone)
+        self._turn = asyncio.Event()  # this worker may close its port (or the supervisor is gone)
         asyncio.get_running_loop().add_reader(conn.fileno(), self._receive)
 
-    async def others_drained(self) -> None:
-        """Say this worker has drained, and wait until every other has too."""
+    @contextlib.asynccontextmanager
+    async def close_turn(self, timeout: float) -> AsyncIterator[None]:
+        """Say this worker is ready to close its port; wait (at most ``timeout``) for its turn, let it
+        close, then pass the turn on."""
         self.send(Drained())
-        await self._closing.wait()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._turn.wait(), timeout)
+        yield
+        self.send(Closed())
 
     def send(self, message: object) -> None:
         with contextlib.suppress(OSError):  # the supervisor is gone; _receive sees EOF and stops us
@@ -102,10 +117,10 @@ class _SupervisorLink:
                 if isinstance(message, GroupState):
                     self._apply(message)
                 elif isinstance(message, Close):
-                    self._closing.set()
+                    self._turn.set()
         except (EOFError, OSError):
             asyncio.get_running_loop().remove_reader(self._conn.fileno())
-            self._closing.set()
+            self._turn.set()
             if not self._stop.is_set():
                 _log.warning("supervisor gone: draining", extra={"fields": {}})
                 self._stop.set()

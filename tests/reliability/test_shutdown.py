@@ -177,9 +177,11 @@ async def test_sigterm_under_load_loses_no_accepted_request(server_workers: int)
         assert len(server.events_named("draining")) == server_workers + 1  # and the supervisor
 
 
-def _hammer(address: str, codes: collections.Counter, stop: threading.Event, lock: threading.Lock) -> None:
+def _hammer(
+    address: str, codes: collections.Counter, stop: threading.Event, lock: threading.Lock, options=()
+) -> None:
     """One call after another with no pause, a refusal sent straight back: the worst case for a drain."""
-    with grpc.insecure_channel(address) as channel:
+    with grpc.insecure_channel(address, options=options) as channel:
         stub = stub_for(channel)
         while not stop.is_set():
             try:
@@ -191,14 +193,21 @@ def _hammer(address: str, codes: collections.Counter, stop: threading.Event, loc
                 codes[code] += 1
 
 
-def test_sigterm_under_hammering_answers_every_call_ok_or_unavailable_never_cancelled():
+@pytest.mark.parametrize("server_workers", [1, 2])
+def test_sigterm_under_hammering_answers_every_call_ok_or_unavailable_never_cancelled(server_workers: int):
     """Clients that resend at once after each answer always have a call on its way when gRPC stops
-    taking calls; such a call must come back UNAVAILABLE (retryable), not CANCELLED."""
+    taking calls; such a call must come back UNAVAILABLE (retryable), not CANCELLED. With workers, each
+    client has a connection of its own (so both workers are hammered), and a client whose worker closes
+    reconnects to the port, where another worker may still be listening."""
     codes: collections.Counter[str] = collections.Counter()
     stop, lock = threading.Event(), threading.Lock()
-    with ServerProcess("--grace_seconds", str(GRACE_S)) as server:
+    # One worker: the threads' channels share one connection (gRPC pools them); two: one each.
+    options = [("grpc.use_local_subchannel_pool", 1)] if server_workers > 1 else []
+    args = ("--grace_seconds", str(GRACE_S), "--workers", str(server_workers))
+    with ServerProcess(*args, startup_timeout=180) as server:
         threads = [
-            threading.Thread(target=_hammer, args=(server.address, codes, stop, lock)) for _ in range(24)
+            threading.Thread(target=_hammer, args=(server.address, codes, stop, lock, options))
+            for _ in range(24)
         ]
         for thread in threads:
             thread.start()
