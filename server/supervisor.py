@@ -16,7 +16,8 @@ them (by a hash of its addresses), and every call on a connection goes to the wo
 - A worker that dies is logged, counted (cbam_worker_restarts_total) and restarted after a backoff;
   more than ``_CRASHES_ALLOWED`` deaths of one worker within ``_CRASH_WINDOW_S`` stop the server
   (exit 1) instead of looping: the orchestrator restarting the whole server is the better remedy.
-- SIGTERM/SIGINT: every worker drains at once (its own grace), then the supervisor exits.
+- SIGTERM/SIGINT: every worker drains at once (its own grace); then they close their ports one at a
+  time (InferenceServer.stop says why), and the supervisor exits.
 - A worker drains and exits when its socket to the supervisor breaks, so even SIGKILL of the
   supervisor leaves no orphans (and, unlike PR_SET_PDEATHSIG, this works on any POSIX system).
 """
