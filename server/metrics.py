@@ -158,9 +158,13 @@ class WorkerExpositions:
         targets = self._endpoints()
         families: dict[str, Metric] = {}
         for label, text in zip((t[0] for t in targets), self._pool.map(self._read, targets), strict=True):
-            if text is None:
+            try:
+                read = list(text_string_to_metric_families(text)) if text is not None else []
+            except ValueError as exc:  # not an exposition (it died mid-answer?): left out, not the rest
+                fields = {"worker": label, "error": str(exc)}
+                _log.warning("worker metrics unreadable", extra={"fields": fields})
                 continue
-            for family in text_string_to_metric_families(text):
+            for family in read:
                 merged = families.get(family.name)
                 if merged is None:
                     merged = families[family.name] = Metric(

@@ -4,7 +4,9 @@ and the one /metrics endpoint over every worker's (real HTTP on loopback)."""
 from __future__ import annotations
 
 import socket
+import threading
 import urllib.request
+from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OPENMETRICS
@@ -199,6 +201,25 @@ def test_a_worker_that_cannot_be_read_is_left_out_of_that_scrape(two_workers) ->
     workers[0].requests.labels("Classify", "OK").inc()
     gone = endpoints[1].port
     endpoints[1].close()
-    collector = WorkerExpositions(lambda: [("0", endpoints[0].port), ("1", gone)], timeout_s=2)
-    names = {s.labels.get("worker") for f in collector.collect() for s in f.samples}
+    garbled = HTTPServer(("127.0.0.1", 0), _Garbled)  # answers, but not with an exposition
+    threading.Thread(target=garbled.serve_forever, daemon=True).start()
+    try:
+        targets = [("0", endpoints[0].port), ("1", gone), ("2", garbled.server_port)]
+        collector = WorkerExpositions(lambda: targets, timeout_s=2)
+        names = {s.labels.get("worker") for f in collector.collect() for s in f.samples}
+    finally:
+        garbled.shutdown()
+        garbled.server_close()
     assert names == {"0"}
+
+
+class _Garbled(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        body = b"this is { not metrics\n"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
