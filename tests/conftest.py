@@ -53,3 +53,12 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     if item.config.getoption("--require-cuda"):
         pytest.fail(f"--require-cuda, but {why}", pytrace=False)
     pytest.skip(why)
+
+
+@pytest.fixture(scope="module")
+def otlp_sink():
+    """A real OTLP trace receiver on loopback (loadtest/otlp_sink.py) for one test module's servers."""
+    from loadtest.otlp_sink import OtlpSink  # needs the tracing extra
+
+    with OtlpSink() as sink:
+        yield sink

@@ -32,8 +32,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def server_env(env: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment a test server runs in: ours without CBAM_*, the sources on the path, plus ``env``."""
-    base = {k: v for k, v in os.environ.items() if not k.startswith("CBAM_")}
+    """The environment a test server runs in: ours without CBAM_* and OTEL_* (which can turn tracing
+    on), the sources on the path, plus ``env``."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("CBAM_", "OTEL_"))}
     base["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "proto"), base.get("PYTHONPATH", "")]).rstrip(
         os.pathsep
     )
@@ -61,6 +62,8 @@ def _connect_host(bound: str) -> str:
 
 class ServerProcess:
     """A ``cbam-serve`` subprocess, started on ``__enter__`` and ready (SERVING) when it returns."""
+
+    command: tuple[str, ...] = ("-m", "server")  # what the interpreter runs, before the arguments
 
     def __init__(
         self,
@@ -102,7 +105,7 @@ class ServerProcess:
 
     def start(self) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "server", *self.args],
+            [sys.executable, *self.command, *self.args],
             cwd=ROOT, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
         )  # fmt: skip
         self._reader = threading.Thread(target=self._read, name="server-log", daemon=True)

@@ -17,7 +17,14 @@ from dataclasses import dataclass
 import grpc
 import pytest
 import yaml
-from deploy_support import REPO, exported_sample_names, free_port, http_get_json, promql_names, wait_for
+from deploy_support import (
+    REPO,
+    exported_sample_names,
+    http_get_json,
+    promql_names,
+    start_prometheus,
+    wait_for,
+)
 
 from cbam.v1 import inference_pb2, inference_pb2_grpc
 from tests.support import ServerProcess
@@ -32,8 +39,14 @@ RULES = [
     for rule in group["rules"]
 ]
 DASHBOARD = json.loads((REPO / "deploy/grafana/dashboards/cbam-serve.json").read_text(encoding="utf-8"))
-# Registered only when the server runs on CUDA (server/metrics.py, watch_cuda_memory).
-CUDA_ONLY = {"cbam_cuda_memory_allocated_bytes", "cbam_cuda_memory_reserved_bytes"}
+# Registered only when the server runs on CUDA (server/metrics.py, watch_cuda_memory and watch_gpus).
+CUDA_ONLY = {
+    "cbam_cuda_memory_allocated_bytes",
+    "cbam_cuda_memory_reserved_bytes",
+    "cbam_gpu_utilization_ratio",
+    "cbam_gpu_memory_used_bytes",
+    "cbam_gpu_memory_total_bytes",
+}
 OK_CALLS, BAD_CALLS = 40, 5
 
 
@@ -77,36 +90,9 @@ def _test_config(target: str) -> dict:
 
 @pytest.fixture(scope="module")
 def prometheus(require_binary, processes, live_server, tmp_path_factory) -> Prometheus:
-    binary = require_binary("prometheus")
-    home = tmp_path_factory.mktemp("prometheus")
-    config = home / "prometheus.yml"
     target = urllib.parse.urlsplit(live_server.metrics_url).netloc
-    config.write_text(yaml.safe_dump(_test_config(target)))
-    for _attempt in range(3):  # the free port can be taken between choosing and binding it
-        url = f"http://127.0.0.1:{free_port()}"
-        process = processes.start(
-            "prometheus",
-            [
-                binary,
-                f"--config.file={config}",
-                f"--storage.tsdb.path={home / 'data'}",
-                f"--web.listen-address={url.removeprefix('http://')}",
-                "--storage.tsdb.retention.time=1h",
-            ],
-        )
-        started = time.monotonic()
-        while process.poll() is None and time.monotonic() - started < 30:
-            try:
-                with urllib.request.urlopen(f"{url}/-/ready", timeout=1) as response:
-                    if response.status == 200:
-                        return Prometheus(url)
-            except OSError:
-                time.sleep(0.1)
-        if process.poll() is None:
-            pytest.fail(f"Prometheus not ready after 30s:\n{processes.log(process)}")
-        if "address already in use" not in processes.log(process):
-            pytest.fail(f"Prometheus exited with {process.returncode}:\n{processes.log(process)}")
-    pytest.fail("Prometheus found no free port in 3 tries")
+    home = tmp_path_factory.mktemp("prometheus")
+    return Prometheus(start_prometheus(processes, require_binary("prometheus"), _test_config(target), home))
 
 
 @dataclass

@@ -19,9 +19,10 @@ from server.runner import ModelRunner
 
 @pytest.fixture(autouse=True)
 def _no_outer_cbam_settings(monkeypatch: pytest.MonkeyPatch) -> None:
-    # A CBAM_* variable in the developer's shell must not change what these tests see.
+    # A CBAM_* (or OTEL_*: it can turn tracing on) variable in the developer's shell must not change
+    # what these tests see.
     for name in list(os.environ):
-        if name.startswith("CBAM_"):
+        if name.startswith(("CBAM_", "OTEL_")):
             monkeypatch.delenv(name)
 
 

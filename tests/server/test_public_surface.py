@@ -8,8 +8,8 @@ import inspect
 import pytest
 
 MODULES = [
-    "app", "auth", "batcher", "config", "errors", "logs", "metrics", "pipeline", "postprocess",
-    "preprocess", "runner", "service", "supervisor", "worker", "__main__",
+    "app", "auth", "batcher", "config", "errors", "gpu", "interceptors", "logs", "metrics", "pipeline",
+    "postprocess", "preprocess", "runner", "service", "supervisor", "tracing", "worker", "__main__",
 ]  # fmt: skip
 
 
