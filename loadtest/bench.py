@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 from rich.console import Console
 
-from client import BatchingInfo, Client, ModelInfo
+from client import Client, ModelInfo
 from server.backends import AUTO, backend_choices  # names only: no torch
 
 from ._ceiling import CeilingMeter, backend_callable, build_model, configure_threads, resolve_backend
