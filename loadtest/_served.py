@@ -1,4 +1,5 @@
-"""The served side of the benchmark: cbam-serve as a subprocess, its /metrics, and the load generator."""
+"""The served side of the benchmark: cbam-serve as a subprocess, its /metrics and CPU counters, and the
+load generator."""
 
 from __future__ import annotations
 
@@ -12,19 +13,32 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 
 from client import AsyncClient, CbamError, RetryPolicy
 
-__all__ = ["PROTOCOLS", "LaunchedServer", "LoadResult", "drive_load", "oip_model_name", "scrape_batch_size"]
+__all__ = [
+    "PROTOCOLS",
+    "LaunchedServer",
+    "LoadResult",
+    "ServerCounters",
+    "drive_load",
+    "oip_model_name",
+    "read_counters",
+]
 
 PROTOCOLS = ("cbam", "oip")  # cbam.v1 Classify / ClassifyBatch; the Open Inference Protocol's ModelInfer
 _MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
+
+# The operating-system name of the server's forward thread (server.pipeline.INFERENCE_THREAD; not
+# imported, so that measuring a server does not load it).
+INFERENCE_THREAD = "cbam-inference"
 
 
 class LaunchedServer:
@@ -128,20 +142,69 @@ class LaunchedServer:
             self._reader.join(10)  # it closes the log's pipe once the log ends
 
 
-def scrape_batch_size(url: str | None) -> tuple[float, float] | None:
-    """(sum, count) of the server's cbam_batch_size histogram, or None without a metrics URL."""
+@dataclass(frozen=True)
+class ServerCounters:
+    """The server's cumulative counters at one instant, summed over its workers: from /metrics, and from
+    /proc when its processes run on this machine (their CPU time, and that of their forward threads)."""
+
+    batch_size_sum: float
+    batches: float
+    forward_seconds: float  # cbam_stage_duration_seconds{stage="inference"}: forwards' wall time
+    images_by_worker: dict[str, float]  # images answered OK, by worker label ("" for a single process)
+    cpu_seconds: float | None = None
+    forward_cpu_seconds: float | None = None
+
+
+def read_counters(url: str | None, pids: Sequence[int] = ()) -> ServerCounters | None:
+    """The counters now, or None without a metrics URL. ``pids``: the server's processes (the supervisor
+    and every worker) whose CPU time to read."""
     if not url:
         return None
     with urllib.request.urlopen(url, timeout=10) as response:
         text = response.read().decode()
-    values = {}
-    for line in text.splitlines():
-        name, _, value = line.partition(" ")
-        if name in ("cbam_batch_size_sum", "cbam_batch_size_count"):
-            values[name] = float(value)
-    if len(values) != 2:
+    batch_sum = batches = forward = 0.0
+    images: dict[str, float] = collections.defaultdict(float)
+    seen = False
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = sample.labels
+            if sample.name == "cbam_batch_size_sum":
+                batch_sum, seen = batch_sum + sample.value, True
+            elif sample.name == "cbam_batch_size_count":
+                batches += sample.value
+            elif sample.name == "cbam_stage_duration_seconds_sum" and labels.get("stage") == "inference":
+                forward += sample.value
+            elif sample.name == "cbam_images_total" and labels.get("code") == "OK":
+                images[labels.get("worker", "")] += sample.value
+    if not seen:
         raise RuntimeError(f"{url} has no cbam_batch_size histogram")
-    return values["cbam_batch_size_sum"], values["cbam_batch_size_count"]
+    cpu = _cpu_seconds(pids) if pids else None
+    return ServerCounters(
+        batch_sum, batches, forward, dict(images), *(cpu if cpu is not None else (None, None))
+    )
+
+
+def _cpu_seconds(pids: Sequence[int]) -> tuple[float, float] | None:
+    """(user+system seconds of the processes, of their threads named INFERENCE_THREAD); None off Linux."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = forward = 0.0
+    try:
+        for pid in pids:
+            total += _stat_seconds(Path(f"/proc/{pid}/stat"), tick)  # every thread's, even finished ones
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                try:
+                    if (task / "comm").read_text().strip() == INFERENCE_THREAD:
+                        forward += _stat_seconds(task / "stat", tick)
+                except FileNotFoundError:  # the thread ended meanwhile
+                    continue
+    except FileNotFoundError:
+        return None
+    return total, forward
+
+
+def _stat_seconds(path: Path, tick: int) -> float:
+    fields = path.read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / tick  # utime, stime (fields 14 and 15 of proc(5))
 
 
 @dataclass
@@ -155,7 +218,8 @@ class LoadResult:
     latencies: list[float] = field(default_factory=list)  # seconds, successful calls wholly inside it
     batch_sizes: list[int] = field(default_factory=list)  # timings.batch_size of each image answered
     errors: collections.Counter = field(default_factory=collections.Counter)  # status name -> count
-    mean_batch_size_metrics: float | None = None  # from /metrics: forward passes' mean size
+    before: ServerCounters | None = None  # the server's counters at the window's edges
+    after: ServerCounters | None = None
 
     def record(
         self, started: float, finished: float, batch_sizes: list[int], start: float, end: float
@@ -177,7 +241,9 @@ class LoadResult:
             p50, p95, p99 = (float(p) for p in np.percentile(np.asarray(self.latencies) * 1000, [50, 95, 99]))
         if self.batch_sizes:  # ModelInfer answers carry no timings: only /metrics knows its batches
             per_request = float(np.mean(self.batch_sizes))
-        from_metrics = self.mean_batch_size_metrics is not None
+        figures = self._server_figures()
+        from_metrics = figures.get("mean_batch_size") is not None
+        mean_batch_size = figures.pop("mean_batch_size") if from_metrics else per_request
         return {
             "concurrency": self.concurrency,
             "requests": self.completed_calls,
@@ -186,11 +252,55 @@ class LoadResult:
             "p50": p50,
             "p95": p95,
             "p99": p99,
-            "mean_batch_size": self.mean_batch_size_metrics if from_metrics else per_request,
+            "mean_batch_size": mean_batch_size,
             "mean_batch_size_source": "metrics" if from_metrics else "timings",
             "errors": sum(self.errors.values()),
             "error_codes": dict(self.errors),
+            **figures,
         }
+
+    def _server_figures(self) -> dict:
+        """What the server's own counters say about the window: mean batch, each worker's share of the
+        images, and its CPU time per image, all of it and outside the forward (None where unknown)."""
+        b, a = self.before, self.after
+        if b is None or a is None or a.batches <= b.batches:
+            return {}
+        images = {w: n - b.images_by_worker.get(w, 0.0) for w, n in a.images_by_worker.items()}
+        total = sum(images.values())
+        figures: dict = {"mean_batch_size": (a.batch_size_sum - b.batch_size_sum) / (a.batches - b.batches)}
+        if not total:
+            return figures
+        figures["worker_share"] = {w: n / total for w, n in sorted(images.items())}
+        figures["forward_wall_ms_per_image"] = 1000 * (a.forward_seconds - b.forward_seconds) / total
+        if a.cpu_seconds is not None and b.cpu_seconds is not None:
+            cpu = a.cpu_seconds - b.cpu_seconds
+            forward = a.forward_cpu_seconds - b.forward_cpu_seconds  # type: ignore[operator]
+            figures |= {
+                "server_cores_used": cpu / self.seconds,
+                "server_cpu_ms_per_image": 1000 * cpu / total,
+                "forward_cpu_ms_per_image": 1000 * forward / total,
+                "outside_forward_cpu_ms_per_image": 1000 * (cpu - forward) / total,
+            }
+        return figures
+
+
+async def _spread_over_workers(clients: list, connect, attempts: int = 64) -> list:
+    """Reconnect the connections that landed on a worker holding more than its share, until the workers
+    hold them evenly (or ``attempts`` run out). The kernel gives each new connection to a worker by a
+    hash, so 8 connections to 2 workers split 6:2 or worse 29% of the time, and the benchmark would
+    measure that split rather than the server."""
+    landed = [(await client.model_info()).worker for client in clients]
+    workers = len((await clients[0].model_info()).workers) or 1
+    fair = -(-len(clients) // workers)  # ceil
+    for _ in range(attempts):
+        counts = collections.Counter(landed)
+        crowded = next((i for i, w in enumerate(landed) if counts[w] > fair), None)
+        if crowded is None:
+            break
+        await clients[crowded].close()
+        clients[crowded] = connect()
+        landed[crowded] = (await clients[crowded].model_info()).worker
+    return clients
 
 
 async def drive_load(
@@ -204,6 +314,7 @@ async def drive_load(
     timeout: float = 60.0,
     metrics_url: str | None = None,
     images_per_call: int = 1,
+    server_pids: Sequence[int] = (),
     protocol: str = "cbam",
     model_name: str = "",
 ) -> LoadResult:
@@ -215,14 +326,25 @@ async def drive_load(
     (a failed image in a batch call counts as its call's error).
 
     Throughput counts the calls that finish inside the measuring window, latencies those that also
-    start in it; the batch-size histogram is read at the window's two edges.
+    start in it; the server's counters (/metrics, and the CPU time of ``server_pids``) are read at the
+    window's two edges.
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol should be one of {PROTOCOLS}, got {protocol!r}")
+    if protocol == "oip":
+        payload = _model_infer_request(model_name, image, images_per_call)
+
+        def connect() -> _OipConnection:
+            return _OipConnection(target, payload, timeout)
+
+    else:
+
+        def connect() -> _CbamConnection:  # type: ignore[misc]
+            return _CbamConnection(target, image, images_per_call, timeout)
+
+    connections = [connect() for _ in range(max(1, min(channels, concurrency)))]
+    connections = await _spread_over_workers(connections, connect)
     result = LoadResult(concurrency, seconds, images_per_call)
-    count = max(1, min(channels, concurrency))
-    make = _oip_senders if protocol == "oip" else _cbam_senders
-    senders, close = make(target, image, count, timeout, images_per_call, model_name)
     loop = asyncio.get_running_loop()
     start = time.perf_counter() + warmup_seconds
     end = start + seconds
@@ -240,19 +362,18 @@ async def drive_load(
 
     async def window_edges() -> tuple:
         await asyncio.sleep(max(0.0, start - time.perf_counter()))
-        before = await loop.run_in_executor(None, scrape_batch_size, metrics_url)
+        before = await loop.run_in_executor(None, read_counters, metrics_url, server_pids)
         await asyncio.sleep(max(0.0, end - time.perf_counter()))
-        after = await loop.run_in_executor(None, scrape_batch_size, metrics_url)
+        after = await loop.run_in_executor(None, read_counters, metrics_url, server_pids)
         return before, after
 
     try:
         edges = asyncio.ensure_future(window_edges())
-        await asyncio.gather(*(caller(senders[i % len(senders)]) for i in range(concurrency)))
-        before, after = await edges
+        await asyncio.gather(*(caller(connections[i % len(connections)].send) for i in range(concurrency)))
+        result.before, result.after = await edges
     finally:
-        await close()
-    if before is not None and after is not None and after[1] > before[1]:
-        result.mean_batch_size_metrics = (after[0] - before[0]) / (after[1] - before[1])
+        for connection in connections:
+            await connection.close()
     return result
 
 
@@ -260,49 +381,54 @@ async def drive_load(
 _OWN_CONNECTION = ("grpc.use_local_subchannel_pool", 1)
 
 
-def _cbam_senders(target: str, image, count: int, timeout: float, images_per_call: int, model_name: str):
-    """One Classify (or ClassifyBatch) sender per client.AsyncClient; each returns its images' batch sizes."""
-    clients = [AsyncClient(target, timeout=timeout, retry=RetryPolicy.none(), options=[_OWN_CONNECTION])
-               for _ in range(count)]  # fmt: skip
-    batch = [image] * images_per_call
+class _CbamConnection:
+    """One client.AsyncClient connection sending Classify (or ClassifyBatch); ``send()`` returns the
+    batch size each image ran in."""
 
-    def sender(client: AsyncClient) -> Callable[[], Awaitable[list[int]]]:
-        async def send() -> list[int]:
-            if images_per_call == 1:
-                predictions = [await client.classify(image, top_k=1)]
-            else:
-                predictions = await client.classify_batch(batch, top_k=1)
-            return [p.timings.batch_size for p in predictions]
+    def __init__(self, target: str, image, images_per_call: int, timeout: float) -> None:
+        self.client = AsyncClient(
+            target, timeout=timeout, retry=RetryPolicy.none(), options=[_OWN_CONNECTION]
+        )
+        self._image, self._batch = image, [image] * images_per_call
 
-        return send
+    async def send(self) -> list[int]:
+        if len(self._batch) == 1:
+            predictions = [await self.client.classify(self._image, top_k=1)]
+        else:
+            predictions = await self.client.classify_batch(self._batch, top_k=1)
+        return [p.timings.batch_size for p in predictions]
 
-    async def close() -> None:
-        for client in clients:
-            await client.close()
+    async def model_info(self):
+        return await self.client.model_info()
 
-    return [sender(client) for client in clients], close
+    async def close(self) -> None:
+        await self.client.close()
 
 
-def _oip_senders(target: str, image, count: int, timeout: float, images_per_call: int, model_name: str):
-    """One ModelInfer sender per channel. The request is serialised once and sent as bytes, and the
-    answer is not parsed (an error is its status): the generator's work per call is gRPC's alone."""
-    payload = _model_infer_request(model_name, image, images_per_call)
-    channels = [grpc.aio.insecure_channel(target, options=[_OWN_CONNECTION]) for _ in range(count)]
+class _OipConnection:
+    """One connection sending ModelInfer: the request serialised once and sent as bytes, the answer
+    left unparsed (an error is its status), so the generator's work per call is gRPC's alone. Its
+    ``model_info()`` (cbam.v1's, over the same connection) says which worker it reached."""
 
-    def sender(channel: grpc.aio.Channel) -> Callable[[], Awaitable[list[int]]]:
-        call = channel.unary_unary(_MODEL_INFER)  # bytes in, bytes out
+    def __init__(self, target: str, payload: bytes, timeout: float) -> None:
+        from cbam.v1 import inference_pb2_grpc  # the channel is ours, so the stub is too
 
-        async def send() -> list[int]:
-            await call(payload, timeout=timeout)
-            return []  # no timings in the answer: the mean batch size comes from /metrics
+        self.channel = grpc.aio.insecure_channel(target, options=[_OWN_CONNECTION])
+        self._model_info = inference_pb2_grpc.InferenceServiceStub(self.channel).GetModelInfo
+        self._call = self.channel.unary_unary(_MODEL_INFER)  # bytes in, bytes out
+        self._payload, self._timeout = payload, timeout
 
-        return send
+    async def send(self) -> list[int]:
+        await self._call(self._payload, timeout=self._timeout)
+        return []  # no timings in the answer: the mean batch size comes from /metrics
 
-    async def close() -> None:
-        for channel in channels:
-            await channel.close()
+    async def model_info(self):
+        from cbam.v1 import inference_pb2
 
-    return [sender(channel) for channel in channels], close
+        return await self._model_info(inference_pb2.GetModelInfoRequest(), timeout=self._timeout)
+
+    async def close(self) -> None:
+        await self.channel.close()
 
 
 def _model_infer_request(model_name: str, image: np.ndarray | bytes, count: int) -> bytes:

@@ -1,4 +1,5 @@
-"""A real Prometheus, configured from deploy/prometheus, scraping a real cbam-serve: the numbers it
+"""A real Prometheus, configured from deploy/prometheus, scraping a real cbam-serve (two workers behind
+one endpoint): the numbers it
 answers agree with the traffic this test sent, the rules load and evaluate, every dashboard query
 runs, and every metric the dashboard, rules and autoscaler read is one the server exports."""
 
@@ -10,6 +11,7 @@ import re
 import time
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import grpc
@@ -26,6 +28,7 @@ from deploy_support import (
 
 from cbam.oip import grpc_service_pb2, grpc_service_pb2_grpc
 from cbam.v1 import inference_pb2, inference_pb2_grpc
+from tests.support import ServerProcess
 
 pytestmark = pytest.mark.slow
 
@@ -46,6 +49,15 @@ CUDA_ONLY = {
     "cbam_gpu_memory_total_bytes",
 }
 OK_CALLS, BAD_CALLS = 40, 5
+
+
+@pytest.fixture(scope="module")
+def live_server() -> Iterator[ServerProcess]:
+    """The server Prometheus scrapes here runs two workers: the one endpoint that merges them (in the
+    OpenMetrics format Prometheus asks for, every series labelled by worker) must serve every panel,
+    rule and alert as a single process does, and export the supervisor's own metrics too."""
+    with ServerProcess("--workers", "2", startup_timeout=180) as server:
+        yield server
 
 
 class Prometheus:
@@ -140,8 +152,11 @@ def _bucket_ceiling(seconds: float) -> float:
 def test_prometheus_scrapes_the_service_as_the_repo_configures_it(prometheus, traffic):
     (up,) = prometheus.query('up{job="cbam-serve"}')
     assert up["value"][1] == "1"
-    (info,) = prometheus.query('cbam_model_info{job="cbam-serve"}')
-    assert info["metric"]["device"] == "cpu"
+    infos = prometheus.query('cbam_model_info{job="cbam-serve"}')  # one per worker
+    assert sorted(i["metric"]["worker"] for i in infos) == ["0", "1"]
+    assert all(i["metric"]["device"] == "cpu" for i in infos)
+    assert prometheus.value('cbam_workers{job="cbam-serve", state="serving"}') == 2
+    assert prometheus.value('sum(cbam_worker_restarts_total{job="cbam-serve"})') == 0
 
 
 def test_request_counts_are_what_the_client_sent(prometheus, traffic):

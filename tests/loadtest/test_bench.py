@@ -109,6 +109,31 @@ def test_an_architecture_by_name(tmp_path):
     assert report["model"]["arch"] == "cbam_resnet8_cifar" and report["model"]["version"] == "random-seed0"
 
 
+def test_worker_counts_compared_in_one_run_with_the_servers_cpu_per_image(tmp_path):
+    out = tmp_path / "bench.json"
+    tiny = ["--batch-sizes", "8", "--concurrency", "4", "--duration", "1", "--warmup", "0.2"]
+    done = bench(*tiny, "--workers", "1,2", "--rounds", "2", "--json", str(out), timeout=600)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(out.read_text())
+    rows = report["results"]
+    # A, B then B, A; each row says which server it measured and how the load reached it.
+    assert [(r["workers"], r["round"]) for r in rows] == [(1, 1), (2, 1), (2, 2), (1, 2)]
+    for row in rows:
+        assert row["errors"] == 0 and row["setting"] == f"{row['workers']}w 8"
+        assert row["channels"] == (1 if row["workers"] == 1 else 4)  # 8 per worker, one per caller at most
+        shares = row["worker_share"]
+        assert sorted(shares) == ([""] if row["workers"] == 1 else ["0", "1"])
+        assert sum(shares.values()) == pytest.approx(1.0)
+        cpu, forward, outside = (row[k] for k in ("server_cpu_ms_per_image", "forward_cpu_ms_per_image",
+                                                  "outside_forward_cpu_ms_per_image"))  # fmt: skip
+        assert cpu > 0 and forward > 0 and outside > 0 and outside == pytest.approx(cpu - forward)
+        assert row["server_cores_used"] > 0 and row["forward_wall_ms_per_image"] > 0
+    (compared,) = report["workers_comparison"]
+    assert (compared["workers"], compared["base_workers"], compared["concurrency"]) == (2, 1, 4)
+    assert len(compared["round_ratios"]) == 2 and compared["ratio"] > 0
+    assert "2 workers / 1" in done.stderr
+
+
 @pytest.mark.parametrize(
     "argv",
     [
@@ -120,6 +145,9 @@ def test_an_architecture_by_name(tmp_path):
         ["--images-per-call", "0"],
         ["--protocol", "kserve-v1"],
         ["--cbam-cost", "--arch", "cbam_resnet50"],
+        ["--workers", "0"],
+        ["--rounds", "0"],
+        ["--target", "127.0.0.1:1", "--workers", "2"],
     ],
 )
 def test_usage_errors_exit_2(argv, capsys):
@@ -130,7 +158,8 @@ def test_usage_errors_exit_2(argv, capsys):
 
 def test_cbam_cost_times_both_models_and_judges_the_target(tmp_path):
     out = tmp_path / "cost.json"
-    done = bench("--cbam-cost", "--cost-batch-sizes", "1,2", "--cost-rounds", "2", "--json", str(out))
+    cost_args = ["--backend", "eager", "--cost-batch-sizes", "1,2", "--cost-rounds", "2"]
+    done = bench("--cbam-cost", *cost_args, "--json", str(out))
     assert done.returncode == 0, done.stderr
     cost = json.loads(out.read_text())["cbam_cost"]
     assert cost["backend"] == "eager" and cost["input_size"] == [224, 224] and cost["rounds"] == 2

@@ -8,9 +8,11 @@ import inspect
 import pytest
 
 MODULES = [
-    "app", "auth", "batcher", "config", "errors", "gpu", "interceptors", "logs", "metrics", "pipeline",
-    "postprocess", "preprocess", "runner", "service", "tracing", "__main__", "protocols.oip",
-    "protocols.oip_model", "protocols.oip_tensors",
+    "app", "assembly", "auth", "batcher", "config", "errors", "gpu", "interceptors", "loading", "logs",
+    "metrics", "pipeline", "postprocess", "preprocess", "runner", "service", "supervisor", "tracing",
+    "tuning", "worker", "__main__", "backends", "backends.auto", "backends.base", "backends.cache",
+    "backends.compiled", "backends.eager", "backends.onnx",
+    "protocols.oip", "protocols.oip_model", "protocols.oip_tensors",
 ]  # fmt: skip
 
 
