@@ -127,12 +127,12 @@ class CbamGrpcUser(User):
         self.oip_share = options.cbam_oip_share
         self.oip_batch_size = max(1, options.cbam_oip_batch_size)
         if self.oip_share:
-            self.oip = grpc_service_pb2_grpc.GRPCInferenceServiceStub(self.client._channel)
+            self.oip = grpc_service_pb2_grpc.GRPCInferenceServiceStub(self.client._channels[0])
             self.oip_model, self.oip_pixels = self._oip_model()
 
     def _oip_model(self) -> tuple[str, list[np.ndarray]]:
         """The served model's name, and the images as uint8 pixels at its input size (H x W x 3)."""
-        call = {"timeout": self.timeout, "metadata": self.client._metadata}
+        call = {"timeout": self.timeout, "metadata": self.client._call_metadata()}
         (model,) = self.oip.RepositoryIndex(oip_pb.RepositoryIndexRequest(), **call).models
         metadata = self.oip.ModelMetadata(oip_pb.ModelMetadataRequest(name=model.name), **call)
         height, width, _ = next(t.shape[1:] for t in metadata.inputs if t.datatype == "UINT8")
@@ -202,7 +202,8 @@ class CbamGrpcUser(User):
         started = time.perf_counter()
         response, exception = None, None
         try:
-            response = self.oip.ModelInfer(request, timeout=self.timeout, metadata=self.client._metadata)
+            metadata = self.client._call_metadata()
+            response = self.oip.ModelInfer(request, timeout=self.timeout, metadata=metadata)
         except grpc.RpcError as exc:
             exception = error_from_rpc(exc)
         self._fire("ModelInfer", started, response.ByteSize() if response is not None else 0, exception)
