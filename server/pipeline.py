@@ -391,7 +391,7 @@ class InferencePipeline:
         """In the inference thread: the forward, then every image's labels in one go (not per request
         on the event loop, where two small torch calls per request cost as much as the rest), and
         each chunk's rows."""
-        outputs = self._run_items([w.item if isinstance(w, _Chunk) else w[0] for w in work])
+        outputs = self._runner.run_batch([w.item if isinstance(w, _Chunk) else w[0] for w in work])
         singles = [i for i, w in enumerate(work) if not isinstance(w, _Chunk)]
         labels = iter(())
         if singles:
@@ -401,29 +401,6 @@ class InferencePipeline:
         for w, output in zip(work, outputs, strict=True):
             done.append(self._rows(w, output) if isinstance(w, _Chunk) else (next(labels), output))
         return done
-
-    def _run_items(self, items: list[BatchItem]) -> list[ItemOutput]:
-        """run_batch over images and chunks. INTERIM, until the runner assembles a chunk itself: a
-        chunk's rows go in as images of their own (a loop per image, in this thread) and their
-        outputs are stacked back."""
-        flat: list[BatchItem] = []
-        for item in items:
-            chunk = item.tensor.dim() == 4
-            flat.extend([BatchItem(t, item.blocks) for t in item.tensor] if chunk else [item])
-        outputs = iter(self._runner.run_batch(flat))
-        gathered = []
-        for item in items:
-            if item.tensor.dim() != 4:
-                gathered.append(next(outputs))
-                continue
-            rows = [next(outputs) for _ in range(len(item.tensor))]
-            maps = {
-                block: {kind: None if t is None else torch.stack([r.maps[block][kind] for r in rows])
-                        for kind, t in kinds.items()}
-                for block, kinds in rows[0].maps.items()
-            }  # fmt: skip
-            gathered.append(ItemOutput(torch.stack([r.logits for r in rows]), maps))
-        return gathered
 
     def _rows(self, chunk: _Chunk, output: ItemOutput) -> TensorPrediction:
         """What a chunk asked for, from its rows of the batch's output."""
