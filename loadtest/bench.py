@@ -33,11 +33,12 @@ import numpy as np
 from rich.console import Console
 
 from client import BatchingInfo, Client
+from server.launcher import ServerProcess
 
 from ._ceiling import CeilingMeter, backend_callable, build_model, configure_threads
 from ._cost import cost_table, measure_cbam_cost
 from ._report import UNITS, describe_machine, evaluate_targets, plot, print_targets, results_table, verdict
-from ._served import LaunchedServer, drive_load
+from ._served import drive_load
 
 __all__ = ["main"]
 
@@ -114,13 +115,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         flags = [] if setting is None else ["--batching.max_batch_size", str(setting)]
         flags = (["--arch", args.arch] if args.arch else []) + flags
         flags += ["--model.backend", args.backend, *args.server_arg]
-        server = None if args.target else LaunchedServer(flags)
+        server = None if args.target else ServerProcess(*flags)
         if server is not None:
             console.print(f"starting cbam-serve {' '.join(flags)} ...", highlight=False)
             server.start()  # inherits this thread's cores: the server's
         _pin(client_cpus)  # the load generator (and gRPC threads it starts) on the client's cores
         target, metrics_url = (
-            (args.target, args.metrics_url) if server is None else (server.target, server.metrics_url)
+            (args.target, args.metrics_url) if server is None else (server.address, server.metrics_url)
         )
         try:
             batching = _check_served(target, args.arch, input_size)
@@ -148,7 +149,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 rows.append({**row, "load_average_1m": os.getloadavg()[0]})
         finally:
             if server is not None:
-                server.stop()
+                server.stop()  # SIGTERM: it drains (and is killed if it takes too long)
+                server.kill()  # whatever is left of its process group
             _pin(server_cpus)
         console.print("ceiling round ...", highlight=False)
         meter.round()  # while no server runs

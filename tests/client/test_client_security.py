@@ -6,8 +6,8 @@ from real_server import FIRST_SAMPLE
 
 from client import AuthenticationError, Client, TlsConfig, UnavailableError
 from client.cli import main
+from server.launcher import ServerProcess
 from tests.security.certs import make_pki
-from tests.support import ServerProcess
 
 TOKEN = "s3cret-token"
 

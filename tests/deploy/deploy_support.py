@@ -8,16 +8,11 @@ import re
 import shutil
 import signal
 import subprocess
-import time
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 
-import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
-
-from tests.support import free_port as free_port  # re-exported for the deploy tests
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -26,22 +21,6 @@ def load_yaml_documents(path: Path) -> list[dict]:
     """Every non-empty YAML document of ``path``."""
     with path.open(encoding="utf-8") as f:
         return [doc for doc in yaml.safe_load_all(f) if doc is not None]
-
-
-def wait_for(condition: Callable[[], object], *, timeout_s: float, what: str, interval_s: float = 0.1):
-    """Poll ``condition`` until it returns something truthy, and return that; fail after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    last_error: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            result = condition()
-        except Exception as exc:  # the thing polled is not up yet
-            last_error = exc
-        else:
-            if result:
-                return result
-        time.sleep(interval_s)
-    pytest.fail(f"timed out after {timeout_s}s waiting for {what}; last error: {last_error!r}")
 
 
 def install_debian_package(package: str) -> str:

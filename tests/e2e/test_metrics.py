@@ -7,7 +7,7 @@ import pytest
 
 from cbam.v1 import inference_pb2 as pb
 from cbam.v1 import inference_pb2_grpc
-from tests.support import ServerProcess, scrape
+from server.launcher import ServerProcess, scrape
 
 
 def test_counters_and_histograms_count_exactly(samples) -> None:

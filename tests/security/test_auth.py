@@ -10,8 +10,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-import subprocess
-import sys
 
 import grpc
 import pytest
@@ -24,8 +22,8 @@ from cbam.v1 import inference_pb2 as pb
 from cbam.v1 import inference_pb2_grpc
 from server.auth import BearerTokenInterceptor
 from server.config import load_settings
+from server.launcher import ServerProcess, run_to_exit
 from tests.reliability.corpus import encode, picture
-from tests.support import ROOT, ServerProcess, server_env
 
 TOKENS = ("alpha-7f3e2a", "bravo-91c4d0")
 IMAGE = encode(picture(20, 20))
@@ -275,12 +273,9 @@ def test_a_refused_token_setting_does_not_echo_the_tokens(tmp_path, source):
         path = tmp_path / "tokens"
         path.write_text("\n".join(secrets) + "\n")
         argv = ["--auth.tokens_file", str(path)]
-    result = subprocess.run(
-        [sys.executable, "-m", "server", "--port", "0", *argv],
-        cwd=ROOT, env=server_env(env), capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+    result = run_to_exit(*argv, env=env)
     assert result.returncode == 2
-    assert "auth" in result.stderr
+    assert "auth" in result.output
     for secret in secrets:
         for part in secret.split():
-            assert part not in result.stdout + result.stderr, result.stderr
+            assert part not in result.output, result.output
