@@ -1,117 +1,33 @@
-"""The served side of the benchmark: cbam-serve as a subprocess, its /metrics, and the load generator."""
+"""The load generator of the benchmark, and the batch sizes the served side reports on its /metrics.
+
+The servers the benchmark starts are server.launcher.ServerProcess children.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import json
-import subprocess
-import sys
-import threading
+import contextlib
+import math
 import time
-import urllib.request
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from client import AsyncClient, CbamError, RetryPolicy
+from server.launcher import scrape
 
-__all__ = ["LaunchedServer", "LoadResult", "drive_load", "scrape_batch_size"]
-
-
-class LaunchedServer:
-    """`python -m server` on free loopback ports, started and stopped by the benchmark.
-
-    Waits for the server's JSON "serving" log line (on stderr) for its gRPC and metrics ports; the rest
-    of its log is drained in a thread so the pipe never fills, and its tail is kept for error messages.
-    """
-
-    def __init__(self, args: list[str], startup_timeout: float = 300.0) -> None:
-        self.args = [
-            sys.executable,
-            "-m",
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--metrics.host",
-            "127.0.0.1",
-            "--metrics-port",
-            "0",
-            *args,
-        ]
-        self.startup_timeout = startup_timeout
-        self.port: int | None = None
-        self.metrics_port: int | None = None
-        self._tail: collections.deque[str] = collections.deque(maxlen=40)
-        self._process: subprocess.Popen | None = None
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def metrics_url(self) -> str:
-        return f"http://127.0.0.1:{self.metrics_port}/metrics"
-
-    def __enter__(self) -> LaunchedServer:
-        self.start()
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.stop()
-
-    def start(self) -> None:
-        self._process = subprocess.Popen(
-            self.args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-        )
-        found = threading.Event()
-        threading.Thread(target=self._read_log, args=(found,), daemon=True).start()
-        deadline = time.monotonic() + self.startup_timeout
-        while not found.wait(0.1):
-            if self._process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                tail = "\n".join(self._tail)
-                raise RuntimeError(f"cbam-serve did not start ({' '.join(self.args[1:])}):\n{tail}")
-
-    def _read_log(self, found: threading.Event) -> None:
-        for line in self._process.stderr:
-            self._tail.append(line.rstrip())
-            if not found.is_set() and line.startswith("{"):
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    continue
-                if record.get("event") == "serving":
-                    self.port, self.metrics_port = record["port"], record.get("metrics_port")
-                    found.set()
-
-    def stop(self) -> None:
-        if self._process is None or self._process.poll() is not None:
-            return
-        self._process.terminate()  # SIGTERM: the server drains, then exits
-        try:
-            self._process.wait(30)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
-            self._process.wait()
+__all__ = ["LoadResult", "drive_load", "scrape_batch_size"]
 
 
 def scrape_batch_size(url: str | None) -> tuple[float, float] | None:
     """(sum, count) of the server's cbam_batch_size histogram, or None without a metrics URL."""
     if not url:
         return None
-    with urllib.request.urlopen(url, timeout=10) as response:
-        text = response.read().decode()
-    values = {}
-    for line in text.splitlines():
-        name, _, value = line.partition(" ")
-        if name in ("cbam_batch_size_sum", "cbam_batch_size_count"):
-            values[name] = float(value)
-    if len(values) != 2:
+    samples = scrape(url)
+    if ("cbam_batch_size_count", frozenset()) not in samples:
         raise RuntimeError(f"{url} has no cbam_batch_size histogram")
-    return values["cbam_batch_size_sum"], values["cbam_batch_size_count"]
+    return samples.value("cbam_batch_size_sum"), samples.value("cbam_batch_size_count")
 
 
 @dataclass
@@ -119,7 +35,7 @@ class LoadResult:
     """What one load run measured, in its measuring window."""
 
     concurrency: int
-    seconds: float
+    seconds: float  # the window's length
     images_per_call: int = 1
     completed_calls: int = 0  # successful calls that finished inside the window, wherever they started
     latencies: list[float] = field(default_factory=list)  # seconds, successful calls wholly inside it
@@ -149,6 +65,7 @@ class LoadResult:
         from_metrics = self.mean_batch_size_metrics is not None
         return {
             "concurrency": self.concurrency,
+            "seconds": self.seconds,
             "requests": self.completed_calls,
             "images_per_call": self.images_per_call,
             "throughput": self.completed_calls * self.images_per_call / self.seconds,
@@ -175,11 +92,14 @@ async def drive_load(
     images_per_call: int = 1,
 ) -> LoadResult:
     """`concurrency` tasks, each sending `image` (a uint8 H x W x 3 array, or PNG bytes) by Classify back
-    to back over `channels` channels, for warm-up and then `seconds` of measurement; with
+    to back over `channels` channels, through a warm-up and then a measuring window; with
     `images_per_call` above 1, that many copies per ClassifyBatch call instead. Retries are off: an
     error counts (a failed image in a batch call counts as its call's error).
 
-    Throughput counts the calls that finish inside the measuring window, latencies those that also
+    The warm-up lasts `warmup_seconds`, and until every task has had its first answer. The window lasts
+    `seconds`, and longer if no call has yet started and finished inside it (at most `timeout` longer),
+    so that a slow machine measures something rather than nothing; its real length is the result's
+    `seconds`. Throughput counts the calls that finish inside the window, latencies those that also
     start in it; the batch-size histogram is read at the window's two edges.
     """
     # A local subchannel pool gives each channel its own connection, instead of gRPC sharing one.
@@ -192,10 +112,13 @@ async def drive_load(
     result = LoadResult(concurrency, seconds, images_per_call)
     batch = [image] * images_per_call
     loop = asyncio.get_running_loop()
-    start = time.perf_counter() + warmup_seconds
-    end = start + seconds
+    start = end = math.inf  # the window, once the timekeeper opens and closes it
+    first_answers = 0
+    warm, measured = asyncio.Event(), asyncio.Event()
 
     async def caller(client: AsyncClient) -> None:
+        nonlocal first_answers
+        answered = False
         while (t0 := time.perf_counter()) < end:
             try:
                 if images_per_call == 1:
@@ -205,23 +128,40 @@ async def drive_load(
             except CbamError as exc:
                 if start <= t0:
                     result.errors[exc.code.name] += 1
-                continue
-            result.record(t0, time.perf_counter(), [p.timings.batch_size for p in predictions], start, end)
+            else:
+                sizes = [p.timings.batch_size for p in predictions]
+                result.record(t0, time.perf_counter(), sizes, start, end)
+                if result.latencies:
+                    measured.set()
+            if not answered:
+                answered, first_answers = True, first_answers + 1
+                if first_answers == concurrency:
+                    warm.set()
 
-    async def window_edges() -> tuple:
-        await asyncio.sleep(max(0.0, start - time.perf_counter()))
-        before = await loop.run_in_executor(None, scrape_batch_size, metrics_url)
-        await asyncio.sleep(max(0.0, end - time.perf_counter()))
+    async def timekeeper() -> tuple:
+        nonlocal start, end
+        try:
+            await asyncio.gather(asyncio.sleep(warmup_seconds), warm.wait())
+            start = time.perf_counter()
+            before = await loop.run_in_executor(None, scrape_batch_size, metrics_url)
+            await asyncio.sleep(max(0.0, start + seconds - time.perf_counter()))
+            # Nothing finished in the window even then: the summary says so (no latencies).
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(measured.wait(), timeout)
+        finally:
+            end = time.perf_counter()  # the callers stop, whatever happened here
         after = await loop.run_in_executor(None, scrape_batch_size, metrics_url)
         return before, after
 
+    edges = asyncio.ensure_future(timekeeper())
     try:
-        edges = asyncio.ensure_future(window_edges())
         await asyncio.gather(*(caller(clients[i % len(clients)]) for i in range(concurrency)))
         before, after = await edges
     finally:
+        edges.cancel()
         for client in clients:
             await client.close()
+    result.seconds = end - start
     if before is not None and after is not None and after[1] > before[1]:
         result.mean_batch_size_metrics = (after[0] - before[0]) / (after[1] - before[1])
     return result
