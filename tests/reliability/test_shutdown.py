@@ -21,9 +21,10 @@ import grpc
 import pytest
 
 from cbam.v1 import inference_pb2 as pb
+from server.launcher import ServerProcess
 from tests.reliability import corpus
 from tests.reliability.probes import stub_for
-from tests.support import ServerProcess
+from tests.support import eventually
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -136,14 +137,20 @@ async def test_sigterm_under_load_loses_no_accepted_request():
                 workers.append(asyncio.create_task(stream))
             open_stream: dict = {}
             workers.append(asyncio.create_task(_open_stream(stub, ledger, open_stream)))
-            await asyncio.sleep(2.0)
+            # Two seconds of load, and enough of it to mean something however slow this machine is.
+            loaded = time.monotonic()
+            await eventually(
+                lambda: len(ledger.client) > 50 and sum(i.startswith("o-") for i in ledger.client) == 2,
+                what="50 calls, and the open stream's two items, answered before SIGTERM",
+            )
+            await asyncio.sleep(max(0.0, 2.0 - (time.monotonic() - loaded)))
             sent_before_sigterm = len(ledger.client)
             stopping.set()
             stopping_threads.set()
             started = time.monotonic()
             exit_code = await asyncio.to_thread(server.stop, signal.SIGTERM, GRACE_S + 20)
             took = time.monotonic() - started
-            await asyncio.wait_for(asyncio.gather(*workers), timeout=30)
+            await asyncio.wait_for(asyncio.gather(*workers), timeout=120)
 
     server_codes = {
         e["request_id"]: e["code"] for e in server.events_named("request") if "request_id" in e
