@@ -19,7 +19,7 @@ def _check(*args: str, env: dict[str, str] | None = None) -> subprocess.Complete
         [sys.executable, str(SCRIPT), "--timeout", "5", *args],
         capture_output=True,
         text=True,
-        timeout=30,
+        timeout=300,
         env=child_env(env),
     )
 

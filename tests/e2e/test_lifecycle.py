@@ -36,7 +36,8 @@ def _inflight(url: str) -> float:
 
 def test_sigterm_answers_everything_in_flight_and_exits_0(samples) -> None:
     n = 150
-    args = ("--batching.max_batch_size", "1", "--batching.max_batch_delay_ms", "0")
+    # One image per forward; a grace period long enough for 150 forwards on a slow, busy machine.
+    args = ("--batching.max_batch_size", "1", "--batching.max_batch_delay_ms", "0", "--grace_seconds", "300")
     with ServerProcess(*args) as server, grpc.insecure_channel(server.address) as channel:
         stub = inference_pb2_grpc.InferenceServiceStub(channel)
         calls = [
@@ -48,7 +49,7 @@ def test_sigterm_answers_everything_in_flight_and_exits_0(samples) -> None:
             what=f"the server to take all {n} calls",
         )
         assert inflight > 20
-        assert server.stop(signal.SIGTERM, timeout=60) == 0
+        assert server.stop(signal.SIGTERM, timeout=300) == 0
         results = [call.result() for call in calls]
     assert len(results) == n and all(r.labels for r in results)
     events = [e["event"] for e in server.events]
@@ -58,7 +59,7 @@ def test_sigterm_answers_everything_in_flight_and_exits_0(samples) -> None:
 
 def test_sigint_on_an_idle_server_exits_0() -> None:
     with ServerProcess() as server:
-        assert server.stop(signal.SIGINT, timeout=30) == 0
+        assert server.stop(signal.SIGINT, timeout=300) == 0
 
 
 def test_settings_from_file_env_and_flags_reach_the_server(tmp_path) -> None:

@@ -23,7 +23,7 @@ from server.config import load_settings
 from server.runner import ModelRunner
 from tests.reliability import corpus
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = pytest.mark.timeout(300)
 
 BATCH = 8
 
@@ -70,7 +70,7 @@ async def faulty():
     form one batch (the batch delay is generous)."""
     settings = load_settings([
         "--host", "127.0.0.1", "--port", "0", "--metrics.enabled", "false",
-        "--batching.max_batch_size", str(BATCH), "--batching.max_batch_delay_ms", "2000",
+        "--batching.max_batch_size", str(BATCH), "--batching.max_batch_delay_ms", "10000",
     ])  # fmt: skip
     runner = ModelRunner.from_settings(settings.model)
     model = FaultyModel(runner.model)
