@@ -7,6 +7,8 @@ from client import Client, build_target
 from server.launcher import ServerProcess
 from tests.support import wait_for
 
+pytestmark = pytest.mark.slow  # two more servers of its own
+
 CALLS = 20
 
 

@@ -132,6 +132,7 @@ def test_model_info_and_health(live):
     assert info.input_size == (32, 32) and info.batching.max_batch_size >= 1
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_retries_on_unavailable_until_a_late_server_comes_up():
     port = free_port()

@@ -9,6 +9,8 @@ from client.cli import main
 from server.launcher import ServerProcess
 from tests.security.certs import make_pki
 
+pytestmark = pytest.mark.slow  # a server of its own, with TLS
+
 TOKEN = "s3cret-token"
 
 

@@ -34,6 +34,7 @@ def _inflight(url: str) -> float:
     return metric(url, "cbam_inflight_requests")
 
 
+@pytest.mark.slow
 def test_sigterm_answers_everything_in_flight_and_exits_0(samples) -> None:
     n = 150
     # One image per forward; a grace period long enough for 150 forwards on a slow, busy machine.
@@ -57,11 +58,13 @@ def test_sigterm_answers_everything_in_flight_and_exits_0(samples) -> None:
     assert "Traceback" not in server.output
 
 
+@pytest.mark.slow
 def test_sigint_on_an_idle_server_exits_0() -> None:
     with ServerProcess() as server:
         assert server.stop(signal.SIGINT, timeout=300) == 0
 
 
+@pytest.mark.slow
 def test_settings_from_file_env_and_flags_reach_the_server(tmp_path) -> None:
     config = tmp_path / "cbam.yaml"
     config.write_text("batching:\n  max_batch_size: 3\n  max_queue: 7\n  max_batch_delay_ms: 1\n")
@@ -111,6 +114,7 @@ def test_serving_line_is_json(served) -> None:
     assert json.loads(line)["level"] == "INFO"
 
 
+@pytest.mark.slow
 def test_ports_in_use_are_refused_naming_the_field(served) -> None:
     grpc_busy = run_to_exit("--port", str(served.port))
     assert grpc_busy.returncode == 2 and "port" in grpc_busy.output and "Traceback" not in grpc_busy.output

@@ -49,6 +49,7 @@ def check_report(report: dict, settings: set[str], concurrency: list[int]) -> No
     }
 
 
+@pytest.mark.slow
 def test_quick_run_starts_its_own_servers_and_reports_every_field(tmp_path):
     out, picture = tmp_path / "bench.json", tmp_path / "bench.png"
     tiny = ["--quick", "--concurrency", "1,4", "--duration", "1", "--warmup", "0.2"]
@@ -63,6 +64,7 @@ def test_quick_run_starts_its_own_servers_and_reports_every_field(tmp_path):
         assert image.format == "PNG" and image.width > 600
 
 
+@pytest.mark.slow
 def test_against_a_running_server(live, tmp_path):
     out = tmp_path / "bench.json"
     tiny = ["--concurrency", "2", "--duration", "1", "--warmup", "0.2"]
@@ -73,6 +75,7 @@ def test_against_a_running_server(live, tmp_path):
     assert report["load"]["target"] == live.address
 
 
+@pytest.mark.slow
 def test_many_images_per_call(tmp_path):
     out = tmp_path / "bench.json"
     tiny = ["--batch-sizes", "4", "--concurrency", "2", "--duration", "1", "--warmup", "0.2"]
@@ -88,6 +91,7 @@ def test_many_images_per_call(tmp_path):
     assert "ClassifyBatch of 6 images" in report["load"]["generator"]
 
 
+@pytest.mark.slow
 def test_an_architecture_by_name(tmp_path):
     out = tmp_path / "bench.json"
     tiny = ["--batch-sizes", "1", "--concurrency", "1", "--duration", "1", "--warmup", "0.2"]
@@ -116,6 +120,7 @@ def test_usage_errors_exit_2(argv, capsys):
     assert exited.value.code == 2
 
 
+@pytest.mark.slow
 def test_cbam_cost_times_both_models_and_judges_the_target(tmp_path):
     out = tmp_path / "cost.json"
     done = bench("--cbam-cost", "--cost-batch-sizes", "1,2", "--cost-rounds", "2", "--json", str(out))

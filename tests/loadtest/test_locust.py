@@ -2,9 +2,12 @@
 
 import subprocess
 
+import pytest
 from locust_run import bounded_run, free_port, locust, run_distributed, run_env, stats
 
 from tests.support import ROOT
+
+pytestmark = pytest.mark.slow  # each test runs Locust processes
 
 
 def test_headless_run_reports_every_kind_of_call_and_writes_csv_and_html(live, tmp_path):

@@ -81,6 +81,7 @@ async def test_unary_callers_that_give_up_are_dropped_not_computed(server):
     await _still_fine(server)
 
 
+@pytest.mark.slow
 async def test_a_slow_reader_cannot_make_the_server_buffer_answers_without_bound(server):
     """A client that sends many items and reads none: once HTTP/2 windows and socket buffers are full
     (a few MB), the server must stop reading its requests instead of computing every item and
@@ -153,6 +154,7 @@ def _p90(values: list[float]) -> float:
     return values[int(0.9 * (len(values) - 1))] if values else 0.0
 
 
+@pytest.mark.slow
 async def test_a_burst_far_above_capacity_is_refused_at_once_with_bounded_queue_and_memory(slow_server):
     server = slow_server
     depths: list[float] = []
@@ -220,6 +222,7 @@ async def test_a_burst_far_above_capacity_is_refused_at_once_with_bounded_queue_
     await _still_fine(server)
 
 
+@pytest.mark.slow
 async def test_a_stream_burst_far_above_capacity_refuses_items_not_the_stream(slow_server):
     """2000 items on one stream against a queue of 4: each item is answered or refused on its own,
     and the stream itself ends OK."""

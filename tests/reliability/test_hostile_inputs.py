@@ -212,7 +212,11 @@ async def test_a_stream_that_never_half_closes_is_answered_and_ends_at_its_deadl
         await never.wait()  # no half-close: the stream stays open
 
     async with grpc.aio.insecure_channel(server.address) as channel:
-        call = stub_for(channel).ClassifyStream(requests(), timeout=10)
+        # Long enough for three answers: 3 s, or 30 times one call's time now on a machine that slow.
+        started = time.monotonic()
+        await stub_for(channel).Classify(pb.ClassifyRequest(encoded=image), timeout=120)
+        deadline_s = max(3.0, 30 * (time.monotonic() - started))
+        call = stub_for(channel).ClassifyStream(requests(), timeout=deadline_s)
         got = []
         with pytest.raises(grpc.aio.AioRpcError) as raised:
             async for answer in call:

@@ -26,7 +26,7 @@ from tests.reliability import corpus
 from tests.reliability.probes import stub_for
 from tests.support import eventually
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 
 GRACE_S = 10
 IMAGE = corpus.encode(corpus.picture(32, 32, seed=4))

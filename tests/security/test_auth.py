@@ -245,6 +245,7 @@ async def test_many_concurrent_bad_tokens_do_not_disturb_good_calls(guarded):
     assert set(codes[20:]) == {grpc.StatusCode.UNAUTHENTICATED}
 
 
+@pytest.mark.slow
 def test_tokens_never_reach_the_log():
     """A real server at DEBUG, called with right and wrong tokens: neither appears in its output."""
     with ServerProcess("--log.level", "DEBUG", env={"CBAM_AUTH__TOKENS": ",".join(TOKENS)}) as server:
