@@ -5,6 +5,7 @@
         p = c.classify("cat.png", top_k=3, attention="spatial")
         p.labels       # [LabelScore(index, name, probability), ...]
         p.attention    # {"layer1.0": {"spatial": np.ndarray (H, W)}, ...}
+    attention_figure(p, "cat.png").savefig("cat-attention.png")   # needs matplotlib (the load extra)
 """
 
 from ._async import AsyncClient
@@ -17,6 +18,7 @@ from ._errors import (
     OverloadedError,
     UnavailableError,
 )
+from ._figures import attention_figure
 from ._images import ImageInput
 from ._retry import RetryPolicy
 from ._sync import Client
@@ -40,5 +42,6 @@ __all__ = [
     "Timings",
     "TlsConfig",
     "UnavailableError",
+    "attention_figure",
     "build_target",
 ]

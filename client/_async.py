@@ -11,10 +11,11 @@ from grpc_health.v1 import health_pb2
 
 from cbam.v1 import inference_pb2
 
-from ._base import BatchCall, ClientBase, RequestOptions, StreamState, remaining
+from ._base import BatchCall, ClientBase, RequestOptions, remaining
 from ._errors import CbamError, UnavailableError, error_from_rpc
 from ._images import ImageInput
 from ._messages import AttentionArg, FormatArg, to_model_info, to_prediction
+from ._stream import StreamRun
 from ._types import ModelInfo, Prediction, StreamResult
 
 __all__ = ["AsyncClient"]
@@ -23,6 +24,7 @@ __all__ = ["AsyncClient"]
 # has just ended the stream (grpc/grpc#36066). The status it hides is most often the UNAVAILABLE of a
 # server going away, so a stream is resumed on it, within the same bounded retries.
 _CORE_WRITE_RACE = "Internal error from Core"
+_END, _NOTHING = object(), object()  # a spent source; no image held
 
 
 class AsyncClient(ClientBase):
@@ -82,50 +84,48 @@ class AsyncClient(ClientBase):
     ) -> AsyncIterator[StreamResult]:
         """Classify many images over one stream, yielding results as they finish; see Client.classify_stream.
 
-        `images` may be an iterable or an async iterable.
+        `images` may be an iterable or an async iterable; either is read lazily, one image per free slot
+        of the `max_inflight` window, so an endless async generator works in constant memory.
         """
-        if max_inflight < 1:
-            raise ValueError(f"max_inflight should be >= 1, got {max_inflight}")
-        if isinstance(images, AsyncIterable):
-            images = [image async for image in images]
-        state = StreamState(RequestOptions(top_k, attention, attention_blocks, attention_format))
-        source = enumerate(images)
-        deadline = self._deadline(timeout, None)
-        attempt = 1
-        while True:
-            window = asyncio.Semaphore(max_inflight)
-            closed = asyncio.Event()
-            call = self._stub.ClassifyStream(
-                self._requests(state, source, window, closed),
-                timeout=remaining(deadline),
-                metadata=self._metadata,
-            )
-            try:
-                async for response in call:
-                    result = state.answer(response)
-                    for failure in state.pending_failures():
-                        yield failure
-                    if result is not None:
-                        window.release()
-                        attempt = 1
+        run = StreamRun(
+            RequestOptions(top_k, attention, attention_blocks, attention_format),
+            max_inflight=max_inflight,
+            deadline=self._deadline(timeout, None),
+            retry_delay=self._retry_delay,
+        )
+        source = _Inputs(images)
+        try:
+            while True:
+                window = asyncio.Semaphore(max_inflight)
+                closed = asyncio.Event()
+                requests = self._requests(run, source, window, closed)
+                call = self._stub.ClassifyStream(requests, timeout=run.timeout(), metadata=self._metadata)
+                try:
+                    async for response in call:
+                        results, freed = run.answer(response)
+                        if freed:
+                            window.release()
+                        for result in results:
+                            yield result
+                    closed.set()
+                    for result in run.finish():
                         yield result
-                closed.set()
-                for failure in state.pending_failures() + state.unanswered_failures():
+                    if run.source_error is not None:
+                        raise run.source_error
+                    return
+                except grpc.RpcError as exc:
+                    error = error_from_rpc(exc)
+                finally:
+                    closed.set()
+                    call.cancel()
+                failures, delay = run.interrupted(_unmasked(error))
+                for failure in failures:
                     yield failure
-                return
-            except grpc.RpcError as exc:
-                error = error_from_rpc(exc)
-            finally:
-                closed.set()
-                call.cancel()
-            state.prepare_resume()
-            for failure in state.pending_failures():
-                yield failure
-            delay = self._retry_delay(_unmasked(error), attempt, deadline)
-            if delay is None:
-                raise error
-            await asyncio.sleep(delay)
-            attempt += 1
+                if delay is None:
+                    raise error
+                await asyncio.sleep(delay)
+        finally:
+            source.close()
 
     async def classify_many(
         self,
@@ -193,15 +193,60 @@ class AsyncClient(ClientBase):
             attempt += 1
 
     @staticmethod
-    async def _requests(state: StreamState, source, window: asyncio.Semaphore, closed: asyncio.Event):
+    async def _requests(run: StreamRun, source: _Inputs, window: asyncio.Semaphore, closed: asyncio.Event):
         while not closed.is_set():
             await window.acquire()
             if closed.is_set():
                 return
-            request = state.next_request(source)
+            request = run.resend()
+            while request is None and run.source_error is None:
+                try:
+                    image = await source.peek()
+                except Exception as exc:
+                    run.source_failed(exc)
+                    return
+                if closed.is_set():  # the stream broke while we waited: the image is kept for the next
+                    return
+                if image is _END:
+                    return
+                request = run.admit(source.take())
             if request is None:
                 return
             yield request
+
+
+class _Inputs:
+    """The images of one classify_stream, a plain or an async iterable, read one at a time.
+
+    The read of an async source is shielded: a stream broken while it waits neither loses that image
+    (the next stream takes it) nor throws into the caller's generator.
+    """
+
+    def __init__(self, images: Iterable[ImageInput] | AsyncIterable[ImageInput]) -> None:
+        self._async = isinstance(images, AsyncIterable)
+        self._iterator = aiter(images) if self._async else iter(images)
+        self._held = _NOTHING
+        self._reading: asyncio.Future | None = None
+
+    async def peek(self) -> ImageInput:
+        """The next image (_END when there are no more), without taking it."""
+        if self._held is _NOTHING:
+            if not self._async:
+                self._held = next(self._iterator, _END)
+            else:
+                if self._reading is None:
+                    self._reading = asyncio.ensure_future(anext(self._iterator, _END))
+                self._held = await asyncio.shield(self._reading)
+                self._reading = None
+        return self._held
+
+    def take(self) -> ImageInput:
+        image, self._held = self._held, _NOTHING
+        return image
+
+    def close(self) -> None:
+        if self._reading is not None:
+            self._reading.cancel()
 
 
 def _unmasked(error: CbamError) -> CbamError:

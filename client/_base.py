@@ -1,4 +1,5 @@
-"""What Client and AsyncClient share: connection settings, per-call options, deadlines, stream state."""
+"""What Client and AsyncClient share: connection settings, per-call options, deadlines (the stream loop
+they share is in _stream.py)."""
 
 from __future__ import annotations
 
@@ -12,13 +13,13 @@ from grpc_health.v1 import health_pb2_grpc
 from cbam.v1 import inference_pb2, inference_pb2_grpc
 
 from ._channel import DEFAULT_TARGET, ChannelSettings, TlsConfig, build_target
-from ._errors import CbamError, InvalidArgumentError, error_from_code, item_error
+from ._errors import CbamError, InvalidArgumentError, item_error
 from ._images import ImageInput
 from ._messages import AttentionArg, FormatArg, build_request, to_prediction
 from ._retry import RetryPolicy
-from ._types import Prediction, StreamResult
+from ._types import Prediction
 
-__all__ = ["BatchCall", "ClientBase", "RequestOptions", "StreamState"]
+__all__ = ["BatchCall", "ClientBase", "RequestOptions", "remaining"]
 
 
 @dataclass(frozen=True)
@@ -133,73 +134,3 @@ class ClientBase:
 
 def remaining(deadline: float | None) -> float | None:
     return None if deadline is None else max(deadline - time.monotonic(), 0.0)
-
-
-class StreamState:
-    """Book-keeping of one classify_stream across the gRPC streams it may take.
-
-    Requests are built lazily from the input as flow control allows. Each sent request stays in
-    `unanswered` until its answer comes; if a stream fails with a retryable status, those are sent again
-    first on the next stream, so a resumed stream loses and repeats nothing that was already answered.
-    """
-
-    def __init__(self, options: RequestOptions) -> None:
-        self.options = options
-        self.unanswered: dict[str, tuple[int, inference_pb2.ClassifyRequest]] = {}
-        self.sent_at: dict[str, float] = {}
-        self.resend: list[tuple[int, inference_pb2.ClassifyRequest]] = []
-        self.local_failures: list[StreamResult] = []
-
-    def next_request(self, source) -> inference_pb2.ClassifyRequest | None:
-        """The next request to send (a resend first), or None when there is nothing left."""
-        if self.resend:
-            index, request = self.resend.pop(0)
-        else:
-            while True:
-                try:
-                    index, image = next(source)
-                except StopIteration:
-                    return None
-                request = self.build(index, image)
-                if request is not None:
-                    break
-        self.unanswered[request.request_id] = (index, request)
-        self.sent_at[request.request_id] = time.perf_counter()
-        return request
-
-    def build(self, index: int, image: ImageInput) -> inference_pb2.ClassifyRequest | None:
-        """The request for one input; an input the client cannot read fails alone, like a bad item."""
-        try:
-            return self.options.build(image, request_id=str(index))
-        except (OSError, ValueError, TypeError) as exc:
-            error = InvalidArgumentError(grpc.StatusCode.INVALID_ARGUMENT, f"input {index}: {exc}")
-            self.local_failures.append(StreamResult(index, None, error, 0.0))
-            return None
-
-    def answer(self, response: inference_pb2.ClassifyStreamResponse) -> StreamResult | None:
-        """The result for one stream response, or None for an id this stream did not send."""
-        entry = self.unanswered.pop(response.request_id, None)
-        if entry is None:
-            return None
-        latency = time.perf_counter() - self.sent_at.pop(response.request_id)
-        error = item_error(response)
-        if error is not None:
-            return StreamResult(entry[0], None, error, latency)
-        return StreamResult(entry[0], to_prediction(response.response), None, latency)
-
-    def prepare_resume(self) -> None:
-        """Queue every unanswered request to be sent again, in input order."""
-        self.resend = sorted(self.unanswered.values(), key=lambda entry: entry[0]) + self.resend
-        self.unanswered.clear()
-        self.sent_at.clear()
-
-    def unanswered_failures(self) -> list[StreamResult]:
-        """Failures for requests a stream ended without answering (a server bug, but never lose an item)."""
-        error = error_from_code(grpc.StatusCode.UNKNOWN, "the stream ended without an answer for this item")
-        failures = [StreamResult(index, None, error, 0.0) for index, _ in self.unanswered.values()]
-        self.unanswered.clear()
-        return failures
-
-    def pending_failures(self) -> list[StreamResult]:
-        failures, self.local_failures = self.local_failures, []
-        return failures

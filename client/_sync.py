@@ -11,10 +11,11 @@ from grpc_health.v1 import health_pb2
 
 from cbam.v1 import inference_pb2
 
-from ._base import BatchCall, ClientBase, RequestOptions, StreamState, remaining
+from ._base import BatchCall, ClientBase, RequestOptions, remaining
 from ._errors import CbamError, error_from_rpc
 from ._images import ImageInput
 from ._messages import AttentionArg, FormatArg, to_model_info, to_prediction
+from ._stream import StreamRun
 from ._types import ModelInfo, Prediction, StreamResult
 
 __all__ = ["Client"]
@@ -88,32 +89,32 @@ class Client(ClientBase):
         lazily. If the stream breaks with a retryable status, the unanswered images are sent again on a
         new stream. `timeout` bounds the whole stream. Raises CbamError if the stream itself fails.
         """
-        if max_inflight < 1:
-            raise ValueError(f"max_inflight should be >= 1, got {max_inflight}")
-        state = StreamState(RequestOptions(top_k, attention, attention_blocks, attention_format))
-        source = enumerate(images)
-        deadline = self._deadline(timeout, None)
-        lock = threading.Lock()
-        attempt = 1
+        run = StreamRun(
+            RequestOptions(top_k, attention, attention_blocks, attention_format),
+            max_inflight=max_inflight,
+            deadline=self._deadline(timeout, None),
+            retry_delay=self._retry_delay,
+        )
+        source = iter(images)
+        lock = threading.Lock()  # the run is shared with gRPC's request thread
         while True:
             window = threading.Semaphore(max_inflight)
             closed = threading.Event()
-            requests = self._requests(state, source, lock, window, closed)
-            call = self._stub.ClassifyStream(requests, timeout=remaining(deadline), metadata=self._metadata)
+            requests = self._requests(run, source, lock, window, closed)
+            call = self._stub.ClassifyStream(requests, timeout=run.timeout(), metadata=self._metadata)
             try:
                 for response in call:
                     with lock:
-                        result = state.answer(response)
-                        failures = state.pending_failures()
-                    yield from failures
-                    if result is not None:
+                        results, freed = run.answer(response)
+                    if freed:
                         window.release()
-                        attempt = 1  # progress: a later break is a new failure with its own retries
-                        yield result
+                    yield from results
                 with lock:
                     closed.set()
-                    failures = state.pending_failures() + state.unanswered_failures()
-                yield from failures
+                    results = run.finish()
+                yield from results
+                if run.source_error is not None:
+                    raise run.source_error
                 return
             except grpc.RpcError as exc:
                 error = error_from_rpc(exc)
@@ -121,14 +122,11 @@ class Client(ClientBase):
                 closed.set()
                 call.cancel()  # no-op once finished; stops the call if the caller stopped iterating
             with lock:
-                state.prepare_resume()
-                failures = state.pending_failures()
+                failures, delay = run.interrupted(error)
             yield from failures
-            delay = self._retry_delay(error, attempt, deadline)
             if delay is None:
                 raise error
             time.sleep(delay)
-            attempt += 1
 
     def classify_many(
         self,
@@ -196,7 +194,7 @@ class Client(ClientBase):
             attempt += 1
 
     @staticmethod
-    def _requests(state: StreamState, source, lock, window: threading.Semaphore, closed: threading.Event):
+    def _requests(run: StreamRun, source, lock, window: threading.Semaphore, closed: threading.Event):
         # Runs in gRPC's request thread. The window keeps at most max_inflight requests unanswered; the
         # timeout only lets a stopped stream notice `closed`.
         while not closed.is_set():
@@ -205,7 +203,7 @@ class Client(ClientBase):
             with lock:
                 if closed.is_set():
                     return
-                request = state.next_request(source)
+                request = run.next_request(source)
             if request is None:
                 return
             yield request

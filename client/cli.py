@@ -1,6 +1,7 @@
 """cbam-client: classify images with a running cbam-serve, and ask what it serves and whether it is up.
 
-    cbam-client classify PATH... [--top-k K] [--json] [--attention DIR]
+    cbam-client classify PATH... [--top-k K] [--json] [--attention DIR [--blocks B,...] [--cmap NAME]
+                                 [--figure-format png|svg]]
     cbam-client info [--json]
     cbam-client health [--service NAME]
 
@@ -17,14 +18,14 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-from PIL import Image
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from ._channel import DEFAULT_TARGET, TlsConfig
 from ._errors import CbamError
-from ._overlays import save_attention_pictures
+from ._figures import FIGURE_FORMATS, colormap, save_attention_pictures
+from ._gallery import GalleryRow, write_gallery
 from ._sync import Client
 from ._types import StreamResult
 
@@ -93,7 +94,20 @@ def _parser() -> argparse.ArgumentParser:
     classify.add_argument("--json", action="store_true", help="one JSON object per image instead of a table")
     classify.add_argument(
         "--attention", metavar="DIR", type=Path,
-        help="ask for every block's attention and write pictures of it under DIR/<image name>/",
+        help="ask for the blocks' attention and write a figure per image under DIR/<image name>/, and "
+        "DIR/index.html, a gallery of them all (needs matplotlib: the load extra)",
+    )
+    classify.add_argument(
+        "--blocks", metavar="B,...", help="with --attention: only these blocks, comma-separated "
+        "(default: every block; `cbam-client info` lists them)",
+    )
+    classify.add_argument(
+        "--cmap", metavar="NAME", help="with --attention: matplotlib colour map of the spatial maps "
+        "(default: viridis)",
+    )
+    classify.add_argument(
+        "--figure-format", choices=FIGURE_FORMATS, help="with --attention: file format of each figure "
+        "(default: png)",
     )
     classify.set_defaults(run=_classify)
 
@@ -137,13 +151,15 @@ def _classify(client: Client, args: argparse.Namespace, parser: argparse.Argumen
     if not paths:
         parser.error(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {' '.join(args.paths)}")
 
+    blocks = _check_attention_args(client, args, parser)
+
     out, err = Console(), Console(stderr=True)
-    folders = _attention_folders(paths, args.attention) if args.attention else []
     results: dict[int, StreamResult] = {}
     stream = client.classify_stream(
         paths,
         top_k=args.top_k,
         attention="both" if args.attention else None,
+        attention_blocks=blocks,
         timeout=args.timeout * len(paths),
     )
     with _progress(err, total=len(paths)) as progress:
@@ -155,18 +171,44 @@ def _classify(client: Client, args: argparse.Namespace, parser: argparse.Argumen
                 print(json.dumps(_result_json(path, result)), flush=True)
             progress.advance(task)
         if args.attention:  # after the stream, so drawing does not delay reading answers (or their latency)
-            drawn = [i for i in sorted(results) if results[i].ok]
-            task = progress.add_task("drawing attention", total=len(drawn))
-            for index in drawn:
-                _write_attention(results[index], paths[index], folders[index], err)
-                progress.advance(task)
+            gallery = _draw_attention(paths, results, args, progress, err)
+
 
     failed = [i for i in range(len(paths)) if not results[i].ok]
     if not args.json:
         out.print(_results_table(paths, results, args.top_k))
+    if args.attention:
+        err.print(f"attention figures and their gallery: {gallery}", highlight=False)
     if failed:
         err.print(f"[red]{len(failed)} of {len(paths)} images failed[/red]", highlight=False)
     return EXIT_FAILED if failed else EXIT_OK
+
+
+def _check_attention_args(
+    client: Client, args: argparse.Namespace, parser: argparse.ArgumentParser
+) -> list[str] | None:
+    """The blocks to ask for (None: all), after filling in the drawing options' defaults; exits with a
+    usage error for options that cannot work (before anything is sent)."""
+    if not args.attention:
+        options = {"--blocks": args.blocks, "--cmap": args.cmap, "--figure-format": args.figure_format}
+        given = [flag for flag, value in options.items() if value is not None]
+        if given:
+            parser.error(f"{', '.join(given)}: only with --attention DIR")
+        return None
+    args.cmap = args.cmap or "viridis"
+    args.figure_format = args.figure_format or "png"
+    try:
+        colormap(args.cmap)
+    except (ImportError, ValueError) as exc:  # no matplotlib (the error names the extra), or no such map
+        parser.error(f"--attention: {exc}")
+    if args.blocks is None:
+        return None
+    blocks = [b.strip() for b in args.blocks.split(",") if b.strip()]
+    known = client.model_info().attention_blocks
+    unknown = [b for b in blocks if b not in known]
+    if unknown or not blocks:
+        parser.error(f"--blocks: the model's attention blocks are {', '.join(known)}; got {args.blocks!r}")
+    return blocks
 
 
 def _progress(console: Console, total: int) -> Progress:
@@ -225,12 +267,39 @@ def _attention_folders(paths: list[Path], root: Path) -> list[Path]:
     return folders
 
 
-def _write_attention(result: StreamResult, path: Path, folder: Path, err: Console) -> None:
+def _draw_attention(
+    paths: list[Path],
+    results: dict[int, StreamResult],
+    args: argparse.Namespace,
+    progress: Progress,
+    err: Console,
+) -> Path:
+    """A figure and small pictures per answered image under args.attention, then the gallery page."""
+    folders = _attention_folders(paths, args.attention)
+    task = progress.add_task("drawing attention", total=len(paths))
+    rows = []
+    for index, path in enumerate(paths):
+        result = results[index]
+        if result.error is not None:
+            rows.append(GalleryRow(str(path), error=f"{result.error.code.name}: {result.error.message}"))
+        else:
+            rows.append(_draw_one(result, path, folders[index], args, err))
+        progress.advance(task)
+    return write_gallery(args.attention, rows, cmap=args.cmap)
+
+
+def _draw_one(
+    result: StreamResult, path: Path, folder: Path, args: argparse.Namespace, err: Console
+) -> GalleryRow:
     try:
-        with Image.open(path) as image:
-            save_attention_pictures(result.prediction, image, folder)
-    except OSError as exc:
+        pictures = save_attention_pictures(
+            result.prediction, path, folder, cmap=args.cmap, figure_format=args.figure_format,
+            title=path.name,
+        )  # fmt: skip
+    except (OSError, ValueError) as exc:  # unreadable here (the server may decode more formats), or no maps
         err.print(f"[yellow]no attention pictures for {path}[/yellow]: {exc}", highlight=False)
+        return GalleryRow(str(path), result.prediction, error=str(exc))
+    return GalleryRow(str(path), result.prediction, pictures)
 
 
 def _info(client: Client, args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

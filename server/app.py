@@ -20,6 +20,7 @@ from grpc_reflection.v1alpha import reflection
 
 from cbam.v1 import inference_pb2 as pb
 from cbam.v1 import inference_pb2_grpc
+from server.calls import CallTracker
 from server.config import Settings, Tls
 from server.errors import StartupError
 from server.metrics import MetricsEndpoint, ServerMetrics
@@ -41,7 +42,7 @@ class InferenceServer:
         settings: Settings,
         grpc_server: grpc.aio.Server,
         pipeline: InferencePipeline,
-        servicer: InferenceServicer,
+        calls: CallTracker,
         health: HealthServicer,
         metrics: ServerMetrics,
         port: int,
@@ -49,7 +50,7 @@ class InferenceServer:
         self.settings = settings
         self.grpc_server = grpc_server
         self.pipeline = pipeline
-        self.servicer = servicer
+        self.calls = calls
         self.health = health
         self.metrics = metrics
         self.port = port
@@ -96,7 +97,9 @@ class InferenceServer:
         1. health NOT_SERVING for every service, then ``drain_delay_seconds`` of normal serving;
         2. new calls (and new stream items) are answered UNAVAILABLE, while everything taken
            (preprocessing, queued, computing) is finished: the batcher runs until its queue is empty;
-        3. gRPC stops accepting, and the inference threads and /metrics endpoint close.
+        3. refusals are held until no call has come for a moment (CallTracker.hold_refusals says
+           why), then gRPC sends GOAWAY and stops accepting, the held calls are answered
+           UNAVAILABLE, and the inference threads and /metrics endpoint close.
         """
         grace = self.settings.grace_seconds if grace is None else grace
         _log.info("draining", extra={"fields": {"grace_seconds": grace}})
@@ -105,9 +108,13 @@ class InferenceServer:
             await asyncio.sleep(self.settings.drain_delay_seconds)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
-        self.servicer.refuse_new_work()
-        await self.servicer.wait_drained(timeout=grace)
-        await self.grpc_server.stop(max(0.0, deadline - loop.time()))
+        self.calls.refuse_new_work()
+        await self.calls.wait_drained(timeout=grace)
+        await self.calls.hold_refusals(timeout=min(1.0, max(0.0, deadline - loop.time())))
+        stopping = asyncio.create_task(self.grpc_server.stop(max(0.0, deadline - loop.time())))
+        await asyncio.sleep(0)  # stop()'s first step: GOAWAY, and gRPC takes no more calls
+        self.calls.release_refusals()
+        await stopping
         await self.pipeline.close()
         if self._metrics_endpoint is not None:
             self._metrics_endpoint.close()
@@ -146,8 +153,9 @@ def build_server(settings: Settings, *, runner: ModelRunner | None = None) -> tu
         maximum_concurrent_rpcs=limits.max_concurrent_rpcs,
         interceptors=_interceptors(settings, metrics),
     )
+    calls = CallTracker(metrics)
     servicer = InferenceServicer(
-        pipeline, _model_info(d, settings), metrics, limits.max_stream_inflight, limits.max_batch_items
+        pipeline, _model_info(d, settings), calls, limits.max_stream_inflight, limits.max_batch_items
     )
     inference_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, server)
     health = HealthServicer()
@@ -163,7 +171,7 @@ def build_server(settings: Settings, *, runner: ModelRunner | None = None) -> tu
     port = _add_port(server, address, settings)
     if (warning := plaintext_warning(settings)) is not None:
         _log.warning(warning, extra={"fields": {"host": settings.host, "port": port}})
-    return InferenceServer(settings, server, pipeline, servicer, health, metrics, port), port
+    return InferenceServer(settings, server, pipeline, calls, health, metrics, port), port
 
 
 async def serve(settings: Settings) -> None:

@@ -19,12 +19,15 @@ class ScriptedInference(inference_pb2_grpc.InferenceServiceServicer):
     """Fails the first calls with the codes in `failures`, then answers label "seven" for every image.
 
     `break_stream_after`: the first ClassifyStream call aborts with UNAVAILABLE after that many answers.
+    `answer_in_groups_of`: ClassifyStream holds its answers until that many requests are unanswered, so a
+    client that keeps fewer in flight waits for ever.
     An image whose encoded bytes are b"bad" gets an INVALID_ARGUMENT item error.
     """
 
     def __init__(self) -> None:
         self.failures: list[grpc.StatusCode] = []
         self.break_stream_after: int | None = None
+        self.answer_in_groups_of = 1
         self.calls = 0
         self.stream_calls = 0
         self.received_ids: list[str] = []
@@ -59,18 +62,24 @@ class ScriptedInference(inference_pb2_grpc.InferenceServiceServicer):
         with self._lock:
             self.stream_calls += 1
             breaking = self.stream_calls == 1 and self.break_stream_after is not None
-        for answered, request in enumerate(request_iterator):
-            if breaking and answered == self.break_stream_after:
+        held: list[inference_pb2.ClassifyRequest] = []
+        for received, request in enumerate(request_iterator):
+            if breaking and received == self.break_stream_after:
                 context.abort(grpc.StatusCode.UNAVAILABLE, "scripted stream break")
             self.received_ids.append(request.request_id)
-            if request.encoded == b"bad":
-                code = grpc.StatusCode.INVALID_ARGUMENT.value[0]
-                error = inference_pb2.ItemError(code=code, message="bad image")
-                yield inference_pb2.ClassifyStreamResponse(request_id=request.request_id, error=error)
-            else:
-                yield inference_pb2.ClassifyStreamResponse(
-                    request_id=request.request_id, response=self._answer(request)
-                )
+            held.append(request)
+            if len(held) >= self.answer_in_groups_of:
+                yield from map(self._stream_answer, held)
+                held.clear()
+        yield from map(self._stream_answer, held)
+
+    def _stream_answer(self, request: inference_pb2.ClassifyRequest) -> inference_pb2.ClassifyStreamResponse:
+        if request.encoded == b"bad":
+            code = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+            error = inference_pb2.ItemError(code=code, message="bad image")
+            return inference_pb2.ClassifyStreamResponse(request_id=request.request_id, error=error)
+        answer = self._answer(request)
+        return inference_pb2.ClassifyStreamResponse(request_id=request.request_id, response=answer)
 
     def GetModelInfo(self, request, context):
         self._maybe_fail(context)

@@ -14,13 +14,14 @@ def test_every_error_derives_from_cbam_error():
             assert issubclass(thing, client.CbamError), name
 
 
-def test_client_never_imports_server_or_models():
+def test_client_never_imports_server_or_models_nor_matplotlib_until_it_draws():
     import subprocess
     import sys
 
     code = (
         "import sys, client, client.cli; "
-        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('server', 'models', 'torch')))"
+        "print(sorted(m for m in sys.modules "
+        "if m.split('.')[0] in ('server', 'models', 'torch', 'matplotlib')))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

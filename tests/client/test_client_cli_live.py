@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from PIL import Image
 from real_server import FIRST_SAMPLE, SAMPLES, sample_labels
 
@@ -42,21 +43,54 @@ def test_failed_items_make_exit_status_1(live, tmp_path, capsys):
     assert "1 of 2 images failed" in captured.err
 
 
-def test_attention_pictures_for_every_image_and_block(live, tmp_path, capsys):
+def test_attention_figures_for_every_image_and_block(live, tmp_path, capsys):
     images = list(LABELS)[:2]
     argv = ["classify", *map(str, images), "--attention", str(tmp_path), "--target", live.address]
     assert main(argv) == 0
-    capsys.readouterr()
+    assert str(tmp_path / "index.html") in capsys.readouterr().err.replace("\n", "")
     blocks = ["layer1.0", "layer2.0", "layer3.0"]
     for image in images:
         folder = tmp_path / image.stem
-        expected = {f"spatial_{b}.png" for b in blocks} | {"spatial_grid.png", "channel.png"}
+        expected = {"figure.png", "input.png"} | {f"overlay_{b}.png" for b in blocks}
         assert {p.name for p in folder.iterdir()} == expected
-        with Image.open(folder / "spatial_layer1.0.png") as overlay, Image.open(image) as original:
+        with Image.open(folder / "overlay_layer1.0.png") as overlay, Image.open(image) as original:
             assert overlay.mode == "RGB"
             assert overlay.width / overlay.height == original.width / original.height
-        with Image.open(folder / "spatial_grid.png") as grid:
-            assert grid.width > grid.height  # three tiles in a row
+        with Image.open(folder / "figure.png") as figure:
+            assert figure.size == (1000, 980)  # 10 in wide, 2.6 in + 2.4 in per block high, at 100 dpi
+
+
+def test_attention_blocks_colour_map_and_format_are_chosen(live, tmp_path, capsys):
+    argv = ["classify", str(FIRST_SAMPLE), "--attention", str(tmp_path), "--blocks", "layer3.0,layer1.0",
+            "--cmap", "magma", "--figure-format", "svg", "--target", live.address]  # fmt: skip
+    assert main(argv) == 0
+    folder = tmp_path / FIRST_SAMPLE.stem
+    assert {p.name for p in folder.iterdir()} == {"figure.svg", "input.png", "overlay_layer1.0.png",
+                                                  "overlay_layer3.0.png"}  # fmt: skip
+    assert "layer3.0 alone, 8x8" in (folder / "figure.svg").read_text()
+    capsys.readouterr()
+    for argv, message in [
+        (["--attention", str(tmp_path), "--blocks", "layer9"], "the model's attention blocks are layer1.0, "),
+        (["--attention", str(tmp_path), "--cmap", "no-such-map"], "unknown colour map 'no-such-map'"),
+        (["--blocks", "layer1.0"], "--blocks: only with --attention DIR"),
+    ]:
+        with pytest.raises(SystemExit) as exited:
+            main(["classify", str(FIRST_SAMPLE), *argv, "--target", live.address])
+        assert exited.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_without_matplotlib_classify_works_and_attention_names_the_extra(live, tmp_path):
+    code = (
+        "import sys; sys.modules['matplotlib'] = None\n"  # as if it were not installed
+        "from client.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    argv = [sys.executable, "-c", code, "classify", str(FIRST_SAMPLE), "--json", "--target", live.address]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and json.loads(done.stdout)["labels"][0]["name"] == LABELS[FIRST_SAMPLE]
+    done = subprocess.run([*argv, "--attention", str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "pip install 'cbam-serve[load]'" in done.stderr
+    assert list(tmp_path.iterdir()) == []  # refused before anything was sent or written
 
 
 def test_info_and_health(live, capsys):

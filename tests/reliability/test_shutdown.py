@@ -12,6 +12,7 @@ client made is one of:
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import signal
 import threading
@@ -170,3 +171,47 @@ async def test_sigterm_under_load_loses_no_accepted_request():
     # the stream that never half-closed: both items answered, then a definite end, well within grace
     assert open_stream["code"] == "UNAVAILABLE", open_stream
     assert open_stream["ended"] - started < GRACE_S
+
+
+def _hammer(address: str, codes: collections.Counter, stop: threading.Event, lock: threading.Lock) -> None:
+    """One call after another with no pause, a refusal sent straight back: the worst case for a drain."""
+    with grpc.insecure_channel(address) as channel:
+        stub = stub_for(channel)
+        while not stop.is_set():
+            try:
+                stub.Classify(pb.ClassifyRequest(encoded=IMAGE), timeout=CALL_TIMEOUT_S)
+                code = "OK"
+            except grpc.RpcError as exc:
+                code = exc.code().name
+            with lock:
+                codes[code] += 1
+
+
+def test_sigterm_under_hammering_answers_every_call_ok_or_unavailable_never_cancelled():
+    """Clients that resend at once after each answer always have a call on its way when gRPC stops
+    taking calls; such a call must come back UNAVAILABLE (retryable), not CANCELLED."""
+    codes: collections.Counter[str] = collections.Counter()
+    stop, lock = threading.Event(), threading.Lock()
+    with ServerProcess("--grace_seconds", str(GRACE_S)) as server:
+        threads = [
+            threading.Thread(target=_hammer, args=(server.address, codes, stop, lock)) for _ in range(24)
+        ]
+        for thread in threads:
+            thread.start()
+        try:
+            deadline = time.monotonic() + 60
+            while codes["OK"] < 200 and time.monotonic() < deadline:  # every thread well under way
+                time.sleep(0.05)
+            assert server.stop(signal.SIGTERM, GRACE_S + 30) == 0
+            with lock:
+                after_exit = sum(codes.values())
+            # The port is closed now: keep going until every thread has had refusals from it too.
+            while sum(codes.values()) < after_exit + 10 * len(threads) and time.monotonic() < deadline + 60:
+                time.sleep(0.05)
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join(timeout=CALL_TIMEOUT_S)
+    assert codes["OK"] >= 200
+    assert codes["UNAVAILABLE"] > 0
+    assert set(codes) == {"OK", "UNAVAILABLE"}, dict(codes)

@@ -154,7 +154,7 @@ async def test_a_batch_taken_before_the_drain_is_answered_whole(make_server, con
     taken = asyncio.ensure_future(stub.ClassifyBatch(pb.ClassifyBatchRequest(items=items)))
     await gate.wait_entered()
     stopping = asyncio.ensure_future(server.stop(10))
-    await eventually(lambda: server.servicer.draining)
+    await eventually(lambda: server.calls.draining)
     gate.release()
     answered = await taken
     assert [bool(r.response.labels) for r in answered.results] == [True] * 5  # nothing taken is lost
@@ -164,7 +164,7 @@ async def test_a_batch_taken_before_the_drain_is_answered_whole(make_server, con
 
 async def test_a_draining_server_refuses_a_batch_as_unavailable(make_server, connect) -> None:
     server = await make_server()
-    server.servicer.refuse_new_work()
+    server.calls.refuse_new_work()
     with pytest.raises(grpc.aio.AioRpcError) as error:
         await connect(server).ClassifyBatch(
             pb.ClassifyBatchRequest(items=[pb.ClassifyRequest(tensor=pixels(0))])

@@ -301,7 +301,7 @@ async def test_calls_arriving_while_draining_are_refused_unavailable(make_server
     taken = asyncio.ensure_future(stub.Classify(pb.ClassifyRequest(encoded=png())))
     await gate.wait_entered()
     stopping = asyncio.ensure_future(server.stop(10))
-    await eventually(lambda: server.servicer.draining)
+    await eventually(lambda: server.calls.draining)
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await stub.Classify(pb.ClassifyRequest(encoded=png(1)))
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "shutting down" in info.value.details()
@@ -325,7 +325,7 @@ async def test_a_stream_ends_unavailable_once_its_items_are_answered(make_server
     reading = asyncio.ensure_future(call.read())
     await gate.wait_entered()
     stopping = asyncio.ensure_future(server.stop(10))
-    await eventually(lambda: server.servicer.draining)
+    await eventually(lambda: server.calls.draining)
     gate.release()
     first = await reading
     assert first.request_id == "taken" and first.response.labels
