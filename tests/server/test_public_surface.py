@@ -8,7 +8,7 @@ import inspect
 import pytest
 
 MODULES = [
-    "app", "auth", "batcher", "config", "errors", "logs", "metrics", "pipeline", "postprocess",
+    "app", "auth", "batcher", "config", "errors", "launcher", "logs", "metrics", "pipeline", "postprocess",
     "preprocess", "runner", "service", "__main__",
 ]  # fmt: skip
 
