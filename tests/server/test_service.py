@@ -241,7 +241,7 @@ async def test_stop_finishes_calls_in_flight_and_queued(make_server, connect, ga
     await gate.wait_entered()
     await eventually(lambda: sample(server, "cbam_inflight_requests") == 5)
     stopping = asyncio.ensure_future(server.stop(10))
-    await asyncio.sleep(0.1)
+    await eventually(lambda: server.calls.draining)  # the stop has begun while all five wait
     gate.release()
     assert all(r.labels for r in await asyncio.gather(*calls))
     await stopping
