@@ -142,9 +142,10 @@ async def drive_load(
         nonlocal start, end
         try:
             await asyncio.gather(asyncio.sleep(warmup_seconds), warm.wait())
-            start = time.perf_counter()
+            # Read first, then open: every forward of a call started in the window comes after it.
             before = await loop.run_in_executor(None, scrape_batch_size, metrics_url)
-            await asyncio.sleep(max(0.0, start + seconds - time.perf_counter()))
+            start = time.perf_counter()
+            await asyncio.sleep(seconds)
             # Nothing finished in the window even then: the summary says so (no latencies).
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(measured.wait(), timeout)
