@@ -99,7 +99,8 @@ class AsyncClient(ClientBase):
                 window = asyncio.Semaphore(max_inflight)
                 closed = asyncio.Event()
                 requests = self._requests(run, source, window, closed)
-                call = self._stub.ClassifyStream(requests, timeout=run.timeout(), metadata=self._metadata)
+                metadata = self._call_metadata()
+                call = self._stub.ClassifyStream(requests, timeout=run.timeout(), metadata=metadata)
                 try:
                     async for response in call:
                         results, freed = run.answer(response)
@@ -183,7 +184,7 @@ class AsyncClient(ClientBase):
         attempt = 1
         while True:
             try:
-                return await method(request, timeout=remaining(deadline), metadata=self._metadata)
+                return await method(request, timeout=remaining(deadline), metadata=self._call_metadata())
             except grpc.RpcError as exc:
                 error = error_from_rpc(exc)
                 delay = self._retry_delay(error, attempt, deadline)

@@ -17,6 +17,7 @@ from ._errors import CbamError, InvalidArgumentError, item_error
 from ._images import ImageInput
 from ._messages import AttentionArg, FormatArg, build_request, to_prediction
 from ._retry import RetryPolicy
+from ._tracing import with_trace_context
 from ._types import Prediction
 
 __all__ = ["BatchCall", "ClientBase", "RequestOptions", "remaining"]
@@ -117,6 +118,10 @@ class ClientBase:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.target!r}, tls={self._tls is not None})"
+
+    def _call_metadata(self) -> tuple[tuple[str, str], ...]:
+        """The metadata of one call: the token, and the caller's trace context when it has one."""
+        return with_trace_context(self._metadata)
 
     def _deadline(self, timeout: float | None, default: float | None) -> float | None:
         seconds = default if timeout is None else timeout

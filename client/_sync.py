@@ -101,7 +101,7 @@ class Client(ClientBase):
             window = threading.Semaphore(max_inflight)
             closed = threading.Event()
             requests = self._requests(run, source, lock, window, closed)
-            call = self._stub.ClassifyStream(requests, timeout=run.timeout(), metadata=self._metadata)
+            call = self._stub.ClassifyStream(requests, timeout=run.timeout(), metadata=self._call_metadata())
             try:
                 for response in call:
                     with lock:
@@ -184,7 +184,7 @@ class Client(ClientBase):
         attempt = 1
         while True:
             try:
-                return method(request, timeout=remaining(deadline), metadata=self._metadata)
+                return method(request, timeout=remaining(deadline), metadata=self._call_metadata())
             except grpc.RpcError as exc:
                 error = error_from_rpc(exc)
                 delay = self._retry_delay(error, attempt, deadline)

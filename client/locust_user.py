@@ -169,7 +169,7 @@ class CbamGrpcUser(User):
         response, exception = None, None
         try:
             response = self.client._stub.Classify(
-                request, timeout=self.timeout, metadata=self.client._metadata
+                request, timeout=self.timeout, metadata=self.client._call_metadata()
             )
         except grpc.RpcError as exc:
             exception = error_from_rpc(exc)
@@ -182,7 +182,7 @@ class CbamGrpcUser(User):
             response = self.client._stub.ClassifyBatch(
                 inference_pb2.ClassifyBatchRequest(items=items),
                 timeout=self.timeout,
-                metadata=self.client._metadata,
+                metadata=self.client._call_metadata(),
             )
         except grpc.RpcError as exc:
             error = error_from_rpc(exc)
@@ -204,7 +204,8 @@ class CbamGrpcUser(User):
                 yield request
 
         stream_started = time.perf_counter()
-        call = self.client._stub.ClassifyStream(send(), timeout=self.timeout, metadata=self.client._metadata)
+        metadata = self.client._call_metadata()
+        call = self.client._stub.ClassifyStream(send(), timeout=self.timeout, metadata=metadata)
         try:
             for item in call:
                 if requests.pop(item.request_id, None) is None:

@@ -122,13 +122,16 @@ class CeilingMeter:
         seconds_per_size: float = 0.5,
         min_passes: int = 2,
         window: int = 5,
+        inputs: dict[int, object] | None = None,
     ) -> None:
         self.model = model
         self.threads = configure_threads()
         self.seconds_per_size = seconds_per_size
         self.min_passes = min_passes
         self.window = window
-        self.inputs = make_inputs(input_size, sorted(set(batch_sizes)))
+        # What `model` is called with at each size: by default seed-0 random float batches; the GPU
+        # check passes device-resident batches, or lists of uint8 images for the runner's own path.
+        self.inputs = inputs if inputs is not None else make_inputs(input_size, sorted(set(batch_sizes)))
         self.windows: dict[int, list[list[float]]] = {size: [] for size in self.inputs}  # per round
         with torch.inference_mode():
             for x in self.inputs.values():  # warm-up: first passes allocate and pick kernels

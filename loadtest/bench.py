@@ -2,6 +2,8 @@
 
     cbam-bench [--quick] [--json OUT] [--plot OUT.png] [--target HOST:PORT] [--arch NAME --input-size N]
     cbam-bench --cbam-cost [--backend B] [--cost-batch-sizes 1,8,32] [--json OUT]
+    cbam-bench --tracing-cost [--baseline-checkout DIR] [--concurrency C] [--tracing-rounds N] [--json OUT]
+    cbam-bench --peers [--setup] [--quick] [--peer-venvs DIR] [--json OUT]
 
 1. The ceiling: the same model, loaded in this process, timed doing nothing but forward passes at batch
    sizes 1, 2, 4, ... (the server's thread settings, torch.inference_mode).
@@ -16,6 +18,14 @@ that mean batch size. The load generator runs on the same cores as the server, w
 
 --cbam-cost measures something else: cbam_resnet50's forward against plain resnet50's, interleaved in
 this process, at batch 1 and the best batch (loadtest/_cost.py); nothing is served.
+
+--tracing-cost serves the default model with tracing off, on at 100% sampling (stage spans) and on with
+stage events, the spans going to a local OTLP sink, all running at once and loaded in rotated turns
+(loadtest/_tracing_cost.py); --baseline-checkout DIR adds a server run from another source tree (main
+before tracing, say), to judge what tracing costs while off.
+
+--peers measures cbam-serve, with its defaults, against Triton (PyTriton) and TorchServe serving the same
+weights, side by side in one run (loadtest/peers.py).
 """
 
 from __future__ import annotations
@@ -59,6 +69,11 @@ QUICK = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--peers" in argv:  # a different run with its own options: loadtest/peers.py
+        from .peers import main as peers_main
+
+        return peers_main([arg for arg in argv if arg != "--peers"])
     parser = _parser()
     args = parser.parse_args(argv)
     preset = QUICK if args.quick else FULL
@@ -66,6 +81,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--quick benchmarks the default model only; drop --quick to benchmark --arch")
     if args.images_per_call < 1:
         parser.error("--images-per-call should be >= 1")
+    if args.tracing_cost and (args.quick or args.target or args.cbam_cost):
+        parser.error("--tracing-cost starts its own servers; drop --quick, --target and --cbam-cost")
     if args.cbam_cost and (args.quick or args.target or args.arch):
         parser.error("--cbam-cost times cbam_resnet50 against resnet50 in this process; drop --quick, "
                      "--target and --arch")  # fmt: skip
@@ -94,6 +111,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     machine = describe_machine()
     if args.cbam_cost:
         return _cbam_cost(args, machine, console)
+    if args.tracing_cost:
+        return _tracing_cost(args, machine, console, client_cpus)
 
     model, input_size, version = build_model(args.arch, args.input_size)
     num_parameters = sum(p.numel() for p in model.parameters())
@@ -214,21 +233,69 @@ def _cbam_cost(args: argparse.Namespace, machine: dict, console: Console) -> int
     )
     Console(width=max(Console().width, 100)).print(cost_table(cost))
     console.print(f"{cost['target']}: {verdict(cost['met'])}", highlight=False)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        machine["load_average_1m_at_end"] = os.getloadavg()[0]
-        args.json.write_text(json.dumps({"machine": machine, "cbam_cost": cost}, indent=2) + "\n")
-        console.print(f"wrote {args.json}", highlight=False)
+    _write_json(args.json, machine, "cbam_cost", cost, console)
     return 0
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="cbam-bench",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="\n\n".join(__doc__.split("\n\n")[2:]),
+def _write_json(path: Path | None, machine: dict, key: str, figures: dict, console: Console) -> None:
+    """--json of a measurement that is not the served table: the machine, and ``figures`` as ``key``."""
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    machine["load_average_1m_at_end"] = os.getloadavg()[0]
+    path.write_text(json.dumps({"machine": machine, key: figures}, indent=2) + "\n")
+    console.print(f"wrote {path}", highlight=False)
+
+
+def _tracing_cost(
+    args: argparse.Namespace, machine: dict, console: Console, client_cpus: set[int] | None
+) -> int:
+    """--tracing-cost: tracing off, on, on with stage events (and a baseline checkout), interleaved."""
+    from ._ceiling import build_model
+    from ._tracing_cost import measure_tracing_cost, tracing_cost_table
+
+    try:
+        (concurrency,) = _int_list(args.concurrency or "16", "--concurrency")
+    except ValueError as exc:
+        raise SystemExit(f"cbam-bench: --tracing-cost takes one --concurrency: {exc}") from None
+    _, input_size, _ = build_model(args.arch, args.input_size)
+    image = np.random.default_rng(0).integers(0, 256, (*input_size, 3), dtype=np.uint8)
+    payload = image if args.payload == "tensor" else _png(image)
+    flags = (["--arch", args.arch] if args.arch else []) + ["--model.backend", args.backend, *args.server_arg]
+    cost = measure_tracing_cost(
+        payload,
+        server_flags=flags,
+        concurrency=concurrency,
+        rounds=args.tracing_rounds,
+        seconds=args.duration if args.duration is not None else FULL["duration"],
+        warmup_seconds=args.warmup if args.warmup is not None else FULL["warmup"],
+        baseline=args.baseline_checkout,
+        client_cpus=client_cpus,
+        progress=lambda step: console.print(step, highlight=False),
     )
+    Console(width=max(Console().width, 100)).print(tracing_cost_table(cost))
+    for name, c in cost["comparisons"].items():
+        spread = " ".join(f"{r:.3f}" for r in c["round_ratios"])
+        judged = verdict(c["met"]) if c["trustworthy"] else "[yellow]too few rounds, or apart[/yellow]"
+        console.print(f"{name}: {c['ratio']:.3f} (rounds {spread}); {c['target']}: {judged}", highlight=False)
+    _write_json(args.json, machine, "tracing_cost", cost, console)
+    errors = sum(f["errors"] for f in cost["by_variant"].values())
+    return 1 if errors else 0
+
+
+def doc_parser(prog: str, doc: str) -> argparse.ArgumentParser:
+    """A parser whose description is the docstring's first paragraph and whose epilog is the rest after
+    the usage paragraph."""
+    return argparse.ArgumentParser(
+        prog=prog,
+        description=doc.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n\n".join(doc.split("\n\n")[2:]),
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = doc_parser("cbam-bench", __doc__)
     parser.add_argument(
         "--quick",
         action="store_true",
@@ -312,10 +379,32 @@ def _parser() -> argparse.ArgumentParser:
         "process, and judge CBAM's cost (forward <= 1.10x at batch 1 and at the best batch)",
     )
     parser.add_argument(
+        "--peers",
+        action="store_true",
+        help="instead: cbam-serve with its defaults against Triton and TorchServe, side by side "
+        "(loadtest/peers.py; its options: cbam-bench --peers --help)",
+    )
+    parser.add_argument(
         "--cost-batch-sizes", default="1,8,32", metavar="LIST", help="with --cbam-cost (default 1,8,32)"
     )
     parser.add_argument(
         "--cost-rounds", type=int, default=5, metavar="N", help="with --cbam-cost: A/B rounds (default 5)"
+    )
+    parser.add_argument(
+        "--tracing-cost",
+        action="store_true",
+        help="instead: serve with tracing off, on (100%% sampling, to a local OTLP sink) and on with stage "
+        "events, interleaved, and judge tracing's cost on throughput (on >= 0.95 x off)",
+    )
+    parser.add_argument(
+        "--tracing-rounds", type=int, default=6, metavar="N", help="with --tracing-cost: rounds (default 6)"
+    )
+    parser.add_argument(
+        "--baseline-checkout",
+        type=Path,
+        metavar="DIR",
+        help="with --tracing-cost: also serve from this source tree (e.g. a worktree of main), to judge "
+        "tracing off against it (off >= 0.99 x baseline)",
     )
     parser.add_argument(
         "--server-arg",

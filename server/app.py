@@ -16,17 +16,21 @@ import grpc
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from cbam.v1 import inference_pb2 as pb
 from cbam.v1 import inference_pb2_grpc
 from server.calls import CallTracker
 from server.config import Settings, Tls
 from server.errors import StartupError
+from server.gpu import gpu_reader
+from server.interceptors import TelemetryInterceptor
+from server.logs import include_trace_ids
 from server.metrics import MetricsEndpoint, ServerMetrics
 from server.pipeline import InferencePipeline
 from server.runner import ModelDescription, ModelRunner, configure_malloc, configure_torch_threads
 from server.service import InferenceServicer, ParseRequests
+from server.tracing import Tracing
 
 __all__ = ["InferenceServer", "build_server", "plaintext_warning", "serve"]
 
@@ -46,6 +50,7 @@ class InferenceServer:
         health: HealthServicer,
         metrics: ServerMetrics,
         port: int,
+        tracing: Tracing = Tracing.OFF,
     ) -> None:
         self.settings = settings
         self.grpc_server = grpc_server
@@ -54,6 +59,7 @@ class InferenceServer:
         self.health = health
         self.metrics = metrics
         self.port = port
+        self.tracing = tracing
         self.metrics_port: int | None = None
         self._metrics_endpoint: MetricsEndpoint | None = None
 
@@ -118,6 +124,9 @@ class InferenceServer:
         await self.pipeline.close()
         if self._metrics_endpoint is not None:
             self._metrics_endpoint.close()
+        if self.tracing.enabled:
+            include_trace_ids(None)
+            self.tracing.shutdown()  # exports the spans still buffered
         _log.info("stopped", extra={"fields": {}})
 
 
@@ -128,6 +137,9 @@ def build_server(settings: Settings, *, runner: ModelRunner | None = None) -> tu
     """
     configure_torch_threads()
     configure_malloc()
+    tracing = Tracing.start(settings.tracing)
+    if tracing.enabled:
+        include_trace_ids(tracing.log_ids)
     metrics = ServerMetrics()
     if runner is None:
         runner = ModelRunner.from_settings(settings.model, settings.batching.max_batch_size)
@@ -140,9 +152,13 @@ def build_server(settings: Settings, *, runner: ModelRunner | None = None) -> tu
             lambda: torch.cuda.memory_allocated(device),
             lambda: torch.cuda.memory_reserved(device),
         )
-    pipeline = InferencePipeline(runner, settings, metrics)
+    if (read_gpu := gpu_reader(runner.device)) is not None:
+        metrics.watch_gpus(read_gpu)
+    pipeline = InferencePipeline(runner, settings, metrics, tracing)
 
     limits = settings.limits
+    # First, so it wraps the others: what they refuse is counted and traced too.
+    telemetry = TelemetryInterceptor(metrics, tracing)
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", limits.max_message_bytes),
@@ -151,9 +167,9 @@ def build_server(settings: Settings, *, runner: ModelRunner | None = None) -> tu
             ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share it
         ],
         maximum_concurrent_rpcs=limits.max_concurrent_rpcs,
-        interceptors=_interceptors(settings, metrics),
+        interceptors=[telemetry, *_interceptors(settings, metrics)],
     )
-    calls = CallTracker(metrics)
+    calls = CallTracker(metrics, tracing, {"cbam.model.arch": d.arch, "cbam.model.version": d.version})
     servicer = InferenceServicer(
         pipeline, _model_info(d, settings), calls, limits.max_stream_inflight, limits.max_batch_items
     )
@@ -167,11 +183,14 @@ def build_server(settings: Settings, *, runner: ModelRunner | None = None) -> tu
             reflection.SERVICE_NAME,
         )
         reflection.enable_server_reflection(names, server)
+        telemetry.expect(reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"])
+    telemetry.expect(pb.DESCRIPTOR.services_by_name["InferenceService"])
+    telemetry.expect(health_pb2.DESCRIPTOR.services_by_name["Health"])
     address = f"{settings.host}:{settings.port}"
     port = _add_port(server, address, settings)
     if (warning := plaintext_warning(settings)) is not None:
         _log.warning(warning, extra={"fields": {"host": settings.host, "port": port}})
-    return InferenceServer(settings, server, pipeline, calls, health, metrics, port), port
+    return InferenceServer(settings, server, pipeline, calls, health, metrics, port, tracing), port
 
 
 async def serve(settings: Settings) -> None:

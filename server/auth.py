@@ -9,6 +9,8 @@ from collections.abc import Awaitable, Callable, Iterable
 
 import grpc
 
+from server.interceptors import rebuild
+
 __all__ = ["BearerTokenInterceptor"]
 
 # One message whatever was wrong: a caller learns nothing about why its token failed.
@@ -59,13 +61,5 @@ def _refusal(handler: grpc.RpcMethodHandler, count: Callable[[], object]) -> grp
         count()
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, REFUSAL)
 
-    if handler.request_streaming and handler.response_streaming:
-        make = grpc.stream_stream_rpc_method_handler
-    elif handler.request_streaming:
-        make = grpc.stream_unary_rpc_method_handler
-    elif handler.response_streaming:
-        make = grpc.unary_stream_rpc_method_handler
-    else:
-        make = grpc.unary_unary_rpc_method_handler
     # No request deserialiser: a caller without a token does not get its message parsed.
-    return make(refuse, request_deserializer=None, response_serializer=handler.response_serializer)
+    return rebuild(handler, refuse, request_deserializer=None)

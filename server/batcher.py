@@ -19,6 +19,7 @@ from typing import Generic, TypeVar
 
 from server.errors import Expired, Overloaded, ShuttingDown
 from server.metrics import ServerMetrics
+from server.tracing import Tracing
 
 __all__ = ["Batched", "DynamicBatcher"]
 
@@ -39,13 +40,16 @@ class Batched(Generic[Out]):
 
 
 class _Pending(Generic[In, Out]):
-    __slots__ = ("item", "deadline", "future", "enqueued_at")
+    __slots__ = ("item", "deadline", "future", "enqueued_at", "span")
 
-    def __init__(self, item: In, deadline: float | None, future: asyncio.Future[Batched[Out]]) -> None:
+    def __init__(
+        self, item: In, deadline: float | None, future: asyncio.Future[Batched[Out]], span: object = None
+    ) -> None:
         self.item = item
         self.deadline = deadline
         self.future = future
         self.enqueued_at = time.monotonic()
+        self.span = span  # with tracing on: the span of the request it belongs to
 
     def drop_reason(self, now: float) -> str | None:
         """Why this item should not be computed, or None if it still should."""
@@ -60,7 +64,8 @@ class DynamicBatcher(Generic[In, Out]):
     """Groups concurrently submitted items into batches for ``run_batch``.
 
     ``run_batch(items)`` must return one output per item, in order; any exception it raises fails
-    that batch's items only. Deadlines are ``time.monotonic()`` values.
+    that batch's items only. Deadlines are ``time.monotonic()`` values. With ``tracing`` on, each item
+    keeps its submitter's span, and each batch is traced with links to them (server/tracing.py).
     """
 
     def __init__(
@@ -71,6 +76,7 @@ class DynamicBatcher(Generic[In, Out]):
         max_batch_delay_s: float,
         max_queue: int,
         metrics: ServerMetrics | None = None,
+        tracing: Tracing = Tracing.OFF,
     ) -> None:
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"max_batch_size must be an integer >= 1, got {max_batch_size!r}")
@@ -83,6 +89,7 @@ class DynamicBatcher(Generic[In, Out]):
         self.max_queue = max_queue
         self._run_batch = run_batch
         self._metrics = metrics if metrics is not None else ServerMetrics()
+        self._tracing = tracing
         self._queue_stage = self._metrics.stage_seconds.labels("queue")
         self._inference_stage = self._metrics.stage_seconds.labels("inference")
         self._queue: collections.deque[_Pending[In, Out]] = collections.deque()
@@ -127,7 +134,8 @@ class DynamicBatcher(Generic[In, Out]):
         Each item is batched as if it came alone; cancelling a future drops its item."""
         self.check_room(len(items))
         loop = asyncio.get_running_loop()
-        pendings = [_Pending(item, deadline, loop.create_future()) for item in items]
+        span = self._tracing.current_span() if self._tracing.enabled else None
+        pendings = [_Pending(item, deadline, loop.create_future(), span) for item in items]
         self._queue.extend(pendings)
         self._metrics.queue_depth.set(len(self._queue))
         self._arrived.set()
@@ -156,18 +164,28 @@ class DynamicBatcher(Generic[In, Out]):
                     raise RuntimeError(f"run_batch returned {len(outputs)} results for {len(batch)} items")
             except Exception as exc:  # a failed batch fails its own items only, and says why
                 _log.error("batch failed", extra={"fields": {"batch_size": len(batch), "error": repr(exc)}})
+                if self._tracing.enabled:
+                    self._trace(batch, started, failed=True)
                 for pending in batch:
                     if not pending.future.done():
                         pending.future.set_exception(exc)
                 continue
             inference_seconds = time.monotonic() - started
             self._inference_stage.observe(inference_seconds)
+            if self._tracing.enabled:
+                self._trace(batch, started, failed=False, ended=started + inference_seconds)
             self._metrics.batch_size.observe(len(batch))
             for pending, output in zip(batch, outputs, strict=True):
                 if not pending.future.done():
                     pending.future.set_result(
                         Batched(output, started - pending.enqueued_at, inference_seconds, len(batch))
                     )
+
+    def _trace(
+        self, batch: list[_Pending[In, Out]], started: float, failed: bool, ended: float | None = None
+    ) -> None:
+        members = [(p.span, p.enqueued_at) for p in batch]
+        self._tracing.batch(members, started, time.monotonic() if ended is None else ended, failed)
 
     async def _next_batch(self) -> list[_Pending[In, Out]]:
         batch: list[_Pending[In, Out]] = []

@@ -15,7 +15,10 @@ tracker, around it:
   - turns a CbamError into its status (``status_for``), anything else into INTERNAL, logged with its
     traceback; when gRPC cancels the handler, says whether the deadline passed or the client went away;
   - records cbam_requests_total, cbam_images_total and cbam_request_duration_seconds, and logs the
-    call (DEBUG when OK, INFO otherwise).
+    call (DEBUG when OK, INFO otherwise); every line logged while it runs carries its request id;
+  - with tracing on, describes the call on its span (the server span server/interceptors.py made for
+    a unary call; a span of its own for a stream item): model, request id, attention asked for, batch
+    size, status; and gives its latency the trace id as exemplar.
 """
 
 from __future__ import annotations
@@ -30,7 +33,10 @@ from typing import NamedTuple, TypeVar
 import grpc
 
 from server.errors import Expired, InvalidInput, OutOfMemory, Overloaded, ShuttingDown, TooLarge
+from server.interceptors import cancelled_status
+from server.logs import bind_request, unbind_request
 from server.metrics import ServerMetrics
+from server.tracing import Tracing
 
 __all__ = ["Call", "CallTracker", "Failure", "new_request_id", "status_for"]
 
@@ -40,8 +46,6 @@ Request = TypeVar("Request")
 Response = TypeVar("Response")
 Reply = TypeVar("Reply")
 
-# gRPC's deadline timer may fire a hair before time_remaining() reaches zero.
-_DEADLINE_SLACK_S = 0.05
 # Most specific first: TooLarge is an InvalidInput that is about size.
 _STATUS: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (TooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
@@ -76,10 +80,14 @@ class Call:
     """One RPC, or one item of a stream, from arrival to answer.
 
     A handler may set ``request_id`` (for the log) and ``item_codes`` (one status per image, when
-    the call's images can fail one by one; otherwise all ``images`` count with the call's status).
+    the call's images can fail one by one; otherwise all ``images`` count with the call's status),
+    and, for its span, ``attention`` (the kind of maps asked for) and ``batch_size`` (of its forward).
     """
 
-    __slots__ = ("method", "started", "deadline", "request_id", "images", "item_codes")
+    __slots__ = (
+        "method", "started", "deadline", "request_id", "images", "item_codes", "attention", "batch_size",
+        "span", "item",
+    )  # fmt: skip
 
     def __init__(self, method: str, context: grpc.aio.ServicerContext, images: int = 1) -> None:
         self.method = method
@@ -89,6 +97,10 @@ class Call:
         self.request_id = ""
         self.images = images
         self.item_codes: list[grpc.StatusCode] | None = None
+        self.attention: str | None = None
+        self.batch_size: int | None = None
+        self.span: object | None = None  # with tracing on: the span this call is described on
+        self.item = False  # one item of a stream (its span is its own)
 
 
 class _Stream:
@@ -114,8 +126,16 @@ class _Stream:
 class CallTracker:
     """Every call in flight on one server, whatever its service: accounting, drain, status, metrics."""
 
-    def __init__(self, metrics: ServerMetrics) -> None:
+    def __init__(
+        self,
+        metrics: ServerMetrics,
+        tracing: Tracing = Tracing.OFF,
+        span_attributes: dict[str, str] | None = None,
+    ) -> None:
+        """``span_attributes`` go on every call's span (what is served)."""
         self._metrics = metrics
+        self._tracing = tracing
+        self._span_attributes = dict(span_attributes or {})
         self._draining = False
         self._active = 0  # calls and stream items taken and not yet answered
         self._last_arrival = 0.0
@@ -176,33 +196,46 @@ class CallTracker:
         context: grpc.aio.ServicerContext,
         handle: Callable[[Call], Awaitable[Response]],
         images: int = 1,
+        *,
+        item: bool = False,
     ) -> Response | Failure:
-        """Run ``handle`` as one call of ``method`` carrying ``images`` images: its response, or the
-        Failure it ended with."""
+        """Run ``handle`` as one call of ``method`` carrying ``images`` images (or as one ``item``
+        of a stream): its response, or the Failure it ended with."""
         call = Call(method, context, images)
+        if not self._tracing.enabled:
+            return await self._answer(call, context, handle)
+        call.item = item
+        call.span = self._tracing.start_item_span(method) if item else self._tracing.current_span()
+        with self._tracing.current(call.span):
+            return await self._answer(call, context, handle)
+
+    async def _answer(
+        self, call: Call, context: grpc.aio.ServicerContext, handle: Callable[[Call], Awaitable[Response]]
+    ) -> Response | Failure:
         self._last_arrival = call.started
         code, message = grpc.StatusCode.OK, ""
         self._metrics.inflight.inc()
         taken = not self._draining
         self._active += taken
+        bound = bind_request(call)
         try:
             if not taken:
                 await self._refusals_released.wait()
                 raise ShuttingDown("the server is shutting down; try another replica")
             return await handle(call)
         except asyncio.CancelledError:
-            code = _cancelled_status(context)
+            code = cancelled_status(context)
             raise
         except Exception as exc:
             code, message = status_for(exc)
             if code is grpc.StatusCode.INTERNAL:
-                _log.exception("request failed", extra={"fields": {"request_id": call.request_id,
-                                                                   "method": method}})  # fmt: skip
+                _log.exception("request failed", extra={"fields": {"method": call.method}})
             return Failure(code, message)
         finally:
             self._active -= taken
             self._metrics.inflight.dec()
             self._record(call, code, message)
+            unbind_request(bound)
 
     async def unary(
         self,
@@ -239,7 +272,7 @@ class CallTracker:
         items: set[asyncio.Task[None]] = set()
 
         async def answer(request: Request) -> None:
-            outcome = await self.answer(method, context, lambda call: handle(request, call))
+            outcome = await self.answer(method, context, lambda call: handle(request, call), item=True)
             stream.answers.put_nowait(reply(request, outcome))
             stream.pending -= 1
             stream.settle()
@@ -298,7 +331,11 @@ class CallTracker:
             )
         requests, request_seconds = children
         requests.inc()
-        request_seconds.observe(seconds)
+        if call.span is None:
+            request_seconds.observe(seconds)
+        else:
+            request_seconds.observe(seconds, self._tracing.exemplar(call.span))
+            self._describe(call, code, message)
         if call.item_codes:
             counts: dict[grpc.StatusCode, int] = {}
             for item_code in call.item_codes:
@@ -317,15 +354,22 @@ class CallTracker:
         else:
             _log.info("request", extra={"fields": {**fields, "message": message}})
 
+    def _describe(self, call: Call, code: grpc.StatusCode, message: str) -> None:
+        span = call.span
+        span.set_attributes(self._span_attributes)  # type: ignore[attr-defined]
+        attributes: dict[str, object] = {"cbam.images": call.images}
+        if call.request_id:
+            attributes["cbam.request_id"] = call.request_id
+        if call.attention is not None:
+            attributes["cbam.attention"] = call.attention
+        if call.batch_size is not None:
+            attributes["cbam.batch.size"] = call.batch_size
+        span.set_attributes(attributes)  # type: ignore[attr-defined]
+        if call.item:  # a stream item's span is ours to end; a call's, the interceptor's
+            self._tracing.finish(span, code, message)
+
     def _images(self, method: str, code: grpc.StatusCode):
         child = self._image_children.get((method, code))
         if child is None:
             child = self._image_children[(method, code)] = self._metrics.images.labels(method, code.name)
         return child
-
-
-def _cancelled_status(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
-    """Why gRPC cancelled a handler: the deadline passed, or the client went away."""
-    remaining = context.time_remaining()
-    expired = remaining is not None and remaining <= _DEADLINE_SLACK_S
-    return grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED

@@ -39,6 +39,7 @@ __all__ = [
     "ModelSettings",
     "Settings",
     "Tls",
+    "Tracing",
     "load_settings",
     "read_config_file",
     "usable_cores",
@@ -236,6 +237,62 @@ class Log(_Group):
         return value.upper() if isinstance(value, str) else value
 
 
+# OpenTelemetry's own convention (the OTLP exporter specification): either variable names a collector,
+# and naming one turns tracing on. The one place below __main__ that reads the environment, because
+# that convention says so; the SDK reads the other OTEL_* variables itself (server/tracing.py).
+OTLP_ENDPOINT_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
+OTLP_PROTOCOL_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL")
+OTLP_PROTOCOLS = ("grpc", "http/protobuf")
+
+
+class Tracing(_Group):
+    """OpenTelemetry traces, exported with OTLP (needs the tracing extra). The OTEL_* variables
+    (OTEL_SERVICE_NAME, OTEL_TRACES_SAMPLER(_ARG), OTEL_EXPORTER_OTLP_*) fill what is left unset here."""
+
+    enabled: bool | None = Field(
+        None,
+        description="Record and export traces; unset means on when OTEL_EXPORTER_OTLP_ENDPOINT or "
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT is set (pip install 'cbam-serve[tracing]').",
+    )
+    endpoint: str | None = Field(
+        None,
+        description="OTLP collector, e.g. http://otel-collector:4317; unset: "
+        "OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT, else http://localhost:4317.",
+    )
+    sample_ratio: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="Share of new traces recorded (a caller's own sampling decision is followed); "
+        "unset: OTEL_TRACES_SAMPLER and OTEL_TRACES_SAMPLER_ARG, else every trace.",
+    )
+    service_name: str | None = Field(
+        None, description="service.name of the spans; unset: OTEL_SERVICE_NAME, else cbam-serve."
+    )
+    protocol: Literal["grpc", "http/protobuf"] | None = Field(
+        None,
+        description="OTLP transport; unset: OTEL_EXPORTER_OTLP_(TRACES_)PROTOCOL, else grpc (port 4317; "
+        "http/protobuf goes to port 4318, path /v1/traces).",
+    )
+    stage_spans: bool = Field(
+        True,
+        description="Record preprocess, queue wait and postprocess as child spans of each request; "
+        "false records them as events on the request span, which costs less.",
+    )
+
+    @model_validator(mode="after")
+    def _from_environment(self) -> Tracing:
+        if self.enabled is None:
+            self.enabled = any(os.environ.get(name) for name in OTLP_ENDPOINT_VARIABLES)
+        if self.protocol is None:
+            name = next((name for name in OTLP_PROTOCOL_VARIABLES if os.environ.get(name)), None)
+            value = os.environ[name].strip() if name else "grpc"
+            if value not in OTLP_PROTOCOLS:
+                raise ValueError(f"{name}={value!r}: cbam-serve exports OTLP as grpc or http/protobuf")
+            self.protocol = value  # type: ignore[assignment]
+        return self
+
+
 class Settings(BaseSettings):
     """cbam-serve: a gRPC inference service for CBAM-ResNet image classifiers.
 
@@ -284,6 +341,7 @@ class Settings(BaseSettings):
     auth: Auth = Auth()
     metrics: Metrics = Metrics()
     log: Log = Log()
+    tracing: Tracing = Field(default_factory=Tracing)  # a factory: its default reads the environment
 
     @classmethod
     def settings_customise_sources(

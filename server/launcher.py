@@ -12,7 +12,8 @@ The one way the tests, cbam-bench and scripts/soak.py start a server of their ow
 
 The server binds port 0 and metrics port 0 on 127.0.0.1 unless the arguments say otherwise (a later
 flag wins) and reports the ports it got in its JSON "serving" log line, which is what "ready" means
-here, whoever writes it (one process, or a supervisor in front of workers). Every line it writes is
+here, whoever writes it (one process, or a supervisor in front of workers). ``checkout=DIR`` runs the
+server code of another source tree (a worktree of main, say) instead of this one. Every line it writes is
 kept (``lines``), the JSON ones also parsed (``events``); a thread reads them as they come, so the
 child never blocks on a full pipe. The child leads its own process group: leaving the ``with``
 block (or the interpreter exiting) kills that whole group, whatever happened, and reaps it.
@@ -68,6 +69,14 @@ def child_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
     return {**base, **(env or {})}
 
 
+def _checkout_env(checkout: Path, env: Mapping[str, str] | None) -> dict[str, str]:
+    # Its packages and its proto/ first on the path; no __pycache__ written into someone else's tree.
+    base = dict(os.environ)
+    paths = [str(checkout), str(checkout / "proto"), base.get("PYTHONPATH", "")]
+    base.update(PYTHONPATH=os.pathsep.join(p for p in paths if p), PYTHONDONTWRITEBYTECODE="1")
+    return {**base, "PYTHONUNBUFFERED": "1", **(env or {})}
+
+
 class ServerExited(RuntimeError):
     """The server exited before it was serving."""
 
@@ -88,17 +97,21 @@ class Exited:
 class ServerProcess:
     """``python -m server ARGS`` on free loopback ports; ``start()`` returns once it is SERVING."""
 
+    command: tuple[str, ...] = ("-m", "server")  # what the interpreter runs, before the arguments
+
     def __init__(
         self,
         *args: str,
         env: Mapping[str, str] | None = None,
         startup_timeout: float = 300.0,
         host: str = "127.0.0.1",
+        checkout: Path | None = None,
     ) -> None:
         self.args = [
             "--host", host, "--port", "0", "--metrics.host", host, "--metrics-port", "0", *args,
         ]  # fmt: skip
-        self.env = child_env(env)
+        self.checkout = checkout
+        self.env = child_env(env) if checkout is None else _checkout_env(checkout, env)
         self.startup_timeout = startup_timeout
         self.process: subprocess.Popen[str] | None = None
         self.lines: list[str] = []  # everything the server wrote, stdout and stderr together
@@ -130,6 +143,11 @@ class ServerProcess:
     def output(self) -> str:
         return "".join(self.lines)
 
+    @property
+    def serving(self) -> dict[str, Any]:
+        """The "serving" log event (ports, backend, batching, threads...); empty before it came."""
+        return next(iter(self.events_named("serving")), {})
+
     def events_named(self, name: str) -> list[dict[str, Any]]:
         return [e for e in self.events if e.get("event") == name]
 
@@ -145,8 +163,8 @@ class ServerProcess:
         TimeoutError (after killing it) when it is not serving within ``startup_timeout``."""
         assert self.process is None, "a ServerProcess starts once"
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "server", *self.args],
-            cwd=_CHECKOUT, env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            [sys.executable, *self.command, *self.args],
+            cwd=self.checkout or _CHECKOUT, env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, text=True, errors="replace", bufsize=1, start_new_session=True,
         )  # fmt: skip
         # Kills the group even if nobody calls kill(): on garbage collection or at interpreter exit.
@@ -225,10 +243,15 @@ def _kill_group(process: subprocess.Popen) -> None:
         process.wait(30)
 
 
-def run_to_exit(*args: str, env: Mapping[str, str] | None = None, timeout: float = 300.0) -> Exited:
+def run_to_exit(
+    *args: str, env: Mapping[str, str] | None = None, timeout: float = 300.0, command: tuple[str, ...] = ()
+) -> Exited:
     """Start a server that is expected to refuse to start (bad settings, busy port...) and return how it
-    exited. Raises AssertionError (after stopping it) if it starts serving instead."""
+    exited; ``command`` replaces ``-m server``. Raises AssertionError (after stopping it) if it starts
+    serving instead."""
     server = ServerProcess(*args, env=env, startup_timeout=timeout)
+    if command:
+        server.command = command
     try:
         server.start()
     except ServerExited as exited:

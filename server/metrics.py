@@ -2,20 +2,29 @@
 
 The names are a contract (docs/ARCHITECTURE.md): dashboards and alerts are written against them.
 Each ``ServerMetrics`` has its own registry, so servers built in one process (tests) don't share counts.
+Besides the cbam_* metrics, the conventional gRPC server metrics (go-grpc-prometheus' names, which
+off-the-shelf gRPC dashboards and alerts read) for every service on the port; server/interceptors.py
+records them. The endpoint answers in OpenMetrics when the scraper asks for it (Prometheus does), which
+carries the exemplars (trace ids) of the latency histograms while tracing is on.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 __all__ = [
     "BATCH_SIZE_BUCKETS",
     "LATENCY_BUCKETS",
     "STAGES",
     "DROP_REASONS",
+    "GpuCollector",
     "MetricsEndpoint",
     "ServerMetrics",
 ]
@@ -28,6 +37,9 @@ LATENCY_BUCKETS = (
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 STAGES = ("preprocess", "queue", "inference", "postprocess")
 DROP_REASONS = ("deadline", "cancelled", "overloaded")
+_GRPC_LABELS = ["grpc_type", "grpc_service", "grpc_method"]
+
+_log = logging.getLogger(__name__)
 
 
 class ServerMetrics:
@@ -63,6 +75,23 @@ class ServerMetrics:
             "cbam_dropped_requests_total", "Requests dropped before compute.", ["reason"], registry=r
         )
         self.model_info = Info("cbam_model", "What is served.", registry=r)  # exposed as cbam_model_info
+        self.grpc_started = Counter(
+            "grpc_server_started_total", "RPCs started on the server.", _GRPC_LABELS, registry=r
+        )
+        self.grpc_handled = Counter(
+            "grpc_server_handled_total", "RPCs completed on the server, whatever their status.",
+            [*_GRPC_LABELS, "grpc_code"], registry=r,
+        )  # fmt: skip
+        self.grpc_handling_seconds = Histogram(
+            "grpc_server_handling_seconds", "Time from an RPC's start to its end, as the server saw it.",
+            _GRPC_LABELS, buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.grpc_msg_received = Counter(
+            "grpc_server_msg_received_total", "Messages received from clients.", _GRPC_LABELS, registry=r
+        )
+        self.grpc_msg_sent = Counter(
+            "grpc_server_msg_sent_total", "Messages sent to clients.", _GRPC_LABELS, registry=r
+        )
         # Every stage and reason exists from the start, so rate() and dashboards see zeros, not gaps.
         for stage in STAGES:
             self.stage_seconds.labels(stage)
@@ -86,6 +115,49 @@ class ServerMetrics:
             "cbam_cuda_memory_reserved_bytes", "CUDA memory reserved by the caching allocator.", ["device"],
             registry=self.registry,
         ).labels(device).set_function(reserved)  # fmt: skip
+
+    def watch_gpus(self, read: Callable[[], Iterable[Any]]) -> None:
+        """Report GPU utilisation and memory per device, read at every scrape (``GpuCollector``)."""
+        self.registry.register(GpuCollector(read))
+
+
+class GpuCollector(Collector):
+    """cbam_gpu_utilization_ratio and cbam_gpu_memory_{used,total}_bytes per device, from ``read()``
+    at each scrape: readings with ``device``, ``utilization`` (0..1, or None where only torch reports),
+    ``memory_used_bytes`` and ``memory_total_bytes`` (server/gpu.py). A failing read leaves the GPU
+    figures out of that scrape, not the scrape itself."""
+
+    def __init__(self, read: Callable[[], Iterable[Any]]) -> None:
+        self._read = read
+        self._warned = False
+
+    def describe(self) -> list:
+        return []  # read only at scrape time: registering must not touch the GPU
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        utilization = GaugeMetricFamily(
+            "cbam_gpu_utilization_ratio",
+            "Share of the last sample period in which the GPU ran a kernel (NVML), 0 to 1.",
+            labels=["device"],
+        )
+        device = ["device"]
+        used = GaugeMetricFamily(
+            "cbam_gpu_memory_used_bytes", "GPU memory in use on the device, by every process.", labels=device
+        )
+        total = GaugeMetricFamily("cbam_gpu_memory_total_bytes", "GPU memory of the device.", labels=device)
+        try:
+            readings = list(self._read())
+        except Exception as exc:  # a GPU that cannot be read must not fail the whole scrape
+            if not self._warned:
+                self._warned = True
+                _log.warning("cannot read the GPU figures", extra={"fields": {"error": repr(exc)}})
+            readings = []
+        for reading in readings:
+            if reading.utilization is not None:
+                utilization.add_metric([reading.device], reading.utilization)
+            used.add_metric([reading.device], reading.memory_used_bytes)
+            total.add_metric([reading.device], reading.memory_total_bytes)
+        return [utilization, used, total]
 
 
 class MetricsEndpoint:

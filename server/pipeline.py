@@ -11,7 +11,8 @@
     classify_many(queries) does the same for the images of one ClassifyBatch call: checks and
     preprocessing per image (a bad one fails alone), queued together, answered in order.
 
-Plain Python types in and out; gRPC is service.py's business.
+Plain Python types in and out; gRPC is service.py's business. With tracing on, each stage's timing
+also becomes a span (or event) of the current request (server/tracing.py).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from server.metrics import ServerMetrics
 from server.postprocess import AttentionQuery, EncodedMap, LabelScore, encode_attention, top_k_rows
 from server.preprocess import ImageSpec, RawTensor, is_ready_pixels, load_pixels
 from server.runner import BatchItem, ItemOutput, ModelDescription, ModelRunner, warm_up_sizes
+from server.tracing import Tracing
 
 __all__ = ["DEFAULT_TOP_K", "InferencePipeline", "Prediction", "Query", "Timings"]
 
@@ -73,10 +75,13 @@ class Prediction:
 class InferencePipeline:
     """Classifies queries with ``runner``, batching concurrent ones. ``start()`` it on the event loop."""
 
-    def __init__(self, runner: ModelRunner, settings: Settings, metrics: ServerMetrics) -> None:
+    def __init__(
+        self, runner: ModelRunner, settings: Settings, metrics: ServerMetrics, tracing: Tracing = Tracing.OFF
+    ) -> None:
         self.description: ModelDescription = runner.description
         self._runner = runner
         self._metrics = metrics
+        self._tracing = tracing
         self._preprocess_stage = metrics.stage_seconds.labels("preprocess")
         self._postprocess_stage = metrics.stage_seconds.labels("postprocess")
         self._max_batch_size = settings.batching.max_batch_size
@@ -94,6 +99,7 @@ class InferencePipeline:
             max_batch_delay_s=settings.batching.max_batch_delay_ms / 1000.0,
             max_queue=settings.batching.max_queue,
             metrics=metrics,
+            tracing=tracing,
         )
 
     def start(self) -> None:
@@ -116,15 +122,19 @@ class InferencePipeline:
         blocks = self._blocks_for(query.attention)
         self.batcher.check_room()  # refuse now rather than after decoding an image we cannot queue
         started = time.monotonic()
-        with self._preprocess_stage.time():
-            if is_ready_pixels(query.image, self._spec):
-                # Already decoded and sized: a check and a copy, cheaper than a trip to a thread.
-                tensor = load_pixels(query.image, self._spec)
-            else:
-                tensor = await asyncio.get_running_loop().run_in_executor(
-                    self._preprocess_pool, load_pixels, query.image, self._spec
-                )
-        preprocess_seconds = time.monotonic() - started
+        try:
+            with self._preprocess_stage.time():
+                if is_ready_pixels(query.image, self._spec):
+                    # Already decoded and sized: a check and a copy, cheaper than a trip to a thread.
+                    tensor = load_pixels(query.image, self._spec)
+                else:
+                    tensor = await asyncio.get_running_loop().run_in_executor(
+                        self._preprocess_pool, load_pixels, query.image, self._spec
+                    )
+        finally:  # timed whether the image was good or not, as the stage metric is
+            preprocess_seconds = time.monotonic() - started
+            if self._tracing.enabled:
+                self._tracing.stage("preprocess", started, started + preprocess_seconds)
         batched = await self.batcher.submit((BatchItem(tensor, blocks), k), deadline)
         return await self._finish(query, batched, preprocess_seconds)
 
@@ -170,6 +180,8 @@ class InferencePipeline:
                         work.append((i, (BatchItem(tensor, blocks), k)))
                 work.sort(key=lambda pair: pair[0])
         preprocess_seconds = time.monotonic() - started
+        if self._tracing.enabled:
+            self._tracing.stage("preprocess", started, started + preprocess_seconds)
 
         futures = self.batcher.submit_many([item for _, item in work], deadline)
         try:
@@ -200,7 +212,10 @@ class InferencePipeline:
                 )
             else:
                 maps = []
-        return self._prediction(query, batched, preprocess_seconds, maps, time.monotonic() - started)
+        postprocess_seconds = time.monotonic() - started
+        if self._tracing.enabled:
+            self._tracing.stage("postprocess", started, started + postprocess_seconds)
+        return self._prediction(query, batched, preprocess_seconds, maps, postprocess_seconds)
 
     def _prediction(
         self,

@@ -13,6 +13,7 @@ from cbam.v1 import inference_pb2 as pb
 from cbam.v1 import inference_pb2_grpc
 from server.calls import Call, CallTracker, Failure, new_request_id, status_for
 from server.errors import InvalidInput
+from server.interceptors import HandlerCache, rebuild
 from server.pipeline import InferencePipeline, Prediction, Query
 from server.postprocess import AttentionFormat, AttentionKind, AttentionQuery
 from server.preprocess import RawTensor
@@ -133,7 +134,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
 
     async def _classify(self, request: pb.ClassifyRequest, call: Call) -> pb.ClassifyResponse:
         call.request_id = _request_id(request)
-        prediction = await self._pipeline.classify(to_query(request, call.request_id), call.deadline)
+        query = to_query(request, call.request_id)
+        call.attention = query.attention.kind.name
+        prediction = await self._pipeline.classify(query, call.deadline)
+        call.batch_size = prediction.timings.batch_size
         return to_response(prediction)
 
     async def _classify_batch(self, request: pb.ClassifyBatchRequest, call: Call) -> pb.ClassifyBatchResponse:
@@ -196,8 +200,7 @@ class ParseRequests(grpc.aio.ServerInterceptor):
 
     def __init__(self, service: str) -> None:
         self._prefix = f"/{service}/"
-        # method -> (its handler, wrapped): wrapped once, not on every call (bounded: our methods).
-        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+        self._handlers = HandlerCache(lambda method, handler: _parsing(handler))
 
     async def intercept_service(
         self,
@@ -208,10 +211,7 @@ class ParseRequests(grpc.aio.ServerInterceptor):
         ours = details.method.startswith(self._prefix)
         if handler is None or handler.request_deserializer is None or not ours:
             return handler
-        wrapped = self._wrapped.get(details.method)
-        if wrapped is None or wrapped[0] is not handler:
-            wrapped = self._wrapped[details.method] = (handler, _parsing(handler))
-        return wrapped[1]
+        return self._handlers.get(details.method, handler)
 
 
 def _parsing(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
@@ -231,7 +231,7 @@ def _parsing(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         async def unary(raw: bytes, context: grpc.aio.ServicerContext):
             return await handler.unary_unary(await parse(raw, context), context)
 
-        make, behaviour = grpc.unary_unary_rpc_method_handler, unary
+        behaviour = unary
     elif handler.request_streaming and handler.response_streaming:
 
         async def stream(raw_requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext):
@@ -242,7 +242,7 @@ def _parsing(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
             async for response in handler.stream_stream(requests(), context):
                 yield response
 
-        make, behaviour = grpc.stream_stream_rpc_method_handler, stream
+        behaviour = stream
     else:  # cbam.v1 has no other kinds of call
         return handler
-    return make(behaviour, request_deserializer=None, response_serializer=handler.response_serializer)
+    return rebuild(handler, behaviour, request_deserializer=None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import re
@@ -11,8 +12,11 @@ import subprocess
 import urllib.request
 from pathlib import Path
 
+import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
+
+from tests.support import free_port, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -82,6 +86,42 @@ class Processes:
         self._running.clear()
 
 
+def _ready_or_exited(process: subprocess.Popen, url: str) -> bool:
+    if process.poll() is not None:
+        return True  # the caller says why
+    with urllib.request.urlopen(f"{url}/-/ready", timeout=5) as response:
+        return response.status == 200
+
+
+def start_prometheus(processes: Processes, binary: str, config: dict, home: Path, *flags: str) -> str:
+    """Run a real Prometheus with ``config`` on a free loopback port, storing under ``home``; its URL once
+    it is ready. ``flags`` are more command-line flags (--enable-feature=...)."""
+    config_path = home / "prometheus.yml"
+    config_path.write_text(yaml.safe_dump(config))
+    for _attempt in range(3):  # the free port can be taken between choosing and binding it
+        url = f"http://127.0.0.1:{free_port()}"
+        process = processes.start(
+            "prometheus",
+            [
+                binary,
+                f"--config.file={config_path}",
+                f"--storage.tsdb.path={home / 'data'}",
+                f"--web.listen-address={url.removeprefix('http://')}",
+                "--storage.tsdb.retention.time=1h",
+                *flags,
+            ],
+        )
+        try:
+            wait_for(functools.partial(_ready_or_exited, process, url), timeout_s=120, what="Prometheus")
+        except pytest.fail.Exception:
+            pytest.fail(f"Prometheus not ready after 120 s:\n{processes.log(process)}")
+        if process.poll() is None:
+            return url
+        if "address already in use" not in processes.log(process):
+            pytest.fail(f"Prometheus exited with {process.returncode}:\n{processes.log(process)}")
+    pytest.fail("Prometheus found no free port in 3 tries")
+
+
 def nginx_renderer():
     """deploy/nginx/render_conf.py as a module (deploy/ is not a package)."""
     spec = importlib.util.spec_from_file_location("render_conf", REPO / "deploy/nginx/render_conf.py")
@@ -115,9 +155,10 @@ def exported_sample_names(metrics_text: str) -> set[str]:
 
 def promql_names(expr: str) -> tuple[set[str], set[str]]:
     """(metric names, recording-rule names) an expression reads. Metric names are those with the
-    service's prefix cbam_ (plus Prometheus' own `up`); recorded names are the ones with a colon."""
+    service's prefixes cbam_ and grpc_server_ (plus Prometheus' own `up`); recorded names are the ones
+    with a colon."""
     expr = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)  # label values are not names
     tokens = set(re.findall(r"[A-Za-z_:][A-Za-z0-9_:]*", expr))
     recorded = {t for t in tokens if ":" in t}
-    metrics = {t for t in tokens - recorded if t.startswith("cbam_")} | ({"up"} & tokens)
+    metrics = {t for t in tokens - recorded if t.startswith(("cbam_", "grpc_server_"))} | ({"up"} & tokens)
     return metrics, recorded

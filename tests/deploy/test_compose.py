@@ -75,6 +75,7 @@ def test_services_and_profiles():
         "cbam-replica": ("scale",),
         "nginx": ("scale",),
         "prometheus": (),
+        "jaeger": (),
         "grafana": (),
         "locust-master": (),
         "locust-worker": (),
@@ -161,15 +162,34 @@ def _settings_field(path: list[str]) -> bool:
     return True
 
 
+# OpenTelemetry's own variables, read by the server's tracing (server/config.py, server/tracing.py).
+OTEL_VARIABLES = {"OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_SERVICE_NAME"}
+
+
 @pytest.mark.parametrize("name", SERVE)
 def test_serve_environment_names_real_settings(name, env):
     environment = SERVICES[name].get("environment", {})
     for key, value in environment.items():
+        if key in OTEL_VARIABLES:
+            continue
         assert key.startswith("CBAM_"), key
         path = key.removeprefix("CBAM_").lower().split("__")
         assert _settings_field(path), f"{name}: {key} is not a Settings field ({'.'.join(path)})"
         env.set(key, str(value))
     Settings()  # and the values validate
+
+
+@pytest.mark.parametrize("name", SERVE)
+def test_every_serve_service_sends_traces_to_jaeger_under_its_own_name(name, env):
+    environment = SERVICES[name]["environment"]
+    host, port = re.fullmatch(r"http://([\w-]+):(\d+)", environment["OTEL_EXPORTER_OTLP_ENDPOINT"]).groups()
+    assert host == "jaeger" and int(port) == 4317  # OTLP over gRPC, what the server exports
+    assert SERVICES["jaeger"]["environment"]["COLLECTOR_OTLP_ENABLED"] == "true"
+    assert environment["OTEL_SERVICE_NAME"] == name
+    env.set("OTEL_EXPORTER_OTLP_ENDPOINT", environment["OTEL_EXPORTER_OTLP_ENDPOINT"])
+    assert Settings().tracing.enabled  # the endpoint alone turns tracing on
+    # The image has what tracing needs: the server refuses to start with tracing on and no OpenTelemetry.
+    assert re.search(r"pip install \"\.\[[\w,]*tracing", _stages("deploy/Dockerfile")["build"])
 
 
 def test_gpu_profile_reserves_an_nvidia_gpu_and_installs_cuda_torch():
@@ -205,6 +225,8 @@ def test_prometheus_gets_the_repo_configuration_and_scrapes_every_serve_service(
     (dns,) = job["dns_sd_configs"]
     assert set(dns["names"]) == set(SERVE)
     assert dns["port"] == DEFAULTS.metrics.port
+    # Latency exemplars (trace ids) are stored, for the dashboard to link to traces.
+    assert "--enable-feature=exemplar-storage" in prometheus["command"]
     # Every rule file the configuration names is mounted with it.
     for pattern in config["rule_files"]:
         assert list(config_path.parent.glob(pattern)), f"rule_files {pattern!r} matches nothing"
@@ -224,6 +246,13 @@ def test_grafana_is_provisioned_from_the_repo():
     host, port = re.fullmatch(r"http://([\w-]+):(\d+)", datasource["url"]).groups()
     assert host in SERVICES and host == "prometheus"
     assert (int(port), int(port)) in _published(SERVICES["prometheus"])
+    # Exemplars open their trace in the Jaeger data source, which reads the jaeger service.
+    (jaeger,) = yaml.safe_load((provisioning / "datasources/jaeger.yml").read_text())["datasources"]
+    (link,) = datasource["jsonData"]["exemplarTraceIdDestinations"]
+    assert link == {"name": "trace_id", "datasourceUid": jaeger["uid"]}
+    host, port = re.fullmatch(r"http://([\w-]+):(\d+)", jaeger["url"]).groups()
+    assert host == "jaeger" and jaeger["type"] == "jaeger"
+    assert (int(port), int(port)) in _published(SERVICES["jaeger"])
     # $__rate_interval is built from timeInterval: it must be the real scrape interval.
     prometheus_config = yaml.safe_load(
         (REPO / "deploy/prometheus/prometheus.yml").read_text(encoding="utf-8")

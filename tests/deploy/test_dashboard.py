@@ -33,6 +33,28 @@ def test_the_dashboard_shows_what_an_operator_asks_first():
     assert next(p for p in PANELS if p["title"] == "Batch size distribution")["type"] == "heatmap"
 
 
+def test_latency_panels_show_exemplars_and_gpu_and_grpc_panels_are_there():
+    titles = {p["title"]: p for p in PANELS}
+    for title in ("Classify latency p50 / p95 / p99", "gRPC handling time p99 by method"):
+        assert all(t.get("exemplar") is True for t in titles[title]["targets"]), title
+    exprs = " ".join(t["expr"] for p in PANELS for t in p["targets"])
+    for name in (
+        "cbam_gpu_utilization_ratio", "cbam_gpu_memory_used_bytes", "cbam_gpu_memory_total_bytes",
+        "grpc_server_handled_total", "grpc_server_handling_seconds_bucket",
+    ):  # fmt: skip
+        assert name in exprs, name
+    # The exemplar's trace id opens the trace in a provisioned data source.
+    sources = [
+        source
+        for path in (GRAFANA / "provisioning/datasources").glob("*.yml")
+        for source in yaml.safe_load(path.read_text())["datasources"]
+    ]
+    uids = {source["uid"] for source in sources}
+    (prometheus,) = [source for source in sources if source["type"] == "prometheus"]
+    for link in prometheus["jsonData"]["exemplarTraceIdDestinations"]:
+        assert link["name"] == "trace_id" and link["datasourceUid"] in uids
+
+
 def test_every_panel_uses_the_provisioned_data_source():
     (datasource,) = yaml.safe_load((GRAFANA / "provisioning/datasources/prometheus.yml").read_text())[
         "datasources"

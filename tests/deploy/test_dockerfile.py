@@ -90,7 +90,8 @@ def test_torch_comes_from_the_cpu_index_pinned_like_setup_sh_and_before_the_code
     runs = _instructions("build", "RUN")
     torch_step = next(i for i, r in enumerate(runs) if '"torch==${TORCH_VERSION}"' in r)
     assert '--index-url "${TORCH_INDEX_URL}"' in runs[torch_step]
-    project_step = next(i for i, r in enumerate(runs) if r.strip() == "pip install .")
+    project = ("pip install .", 'pip install ".[')  # the project, with or without extras
+    project_step = next(i for i, r in enumerate(runs) if r.strip().startswith(project))
     assert torch_step < project_step, "torch must be installed before the project, or pip resolves CUDA torch"
     first_code_copy = build.index("COPY proto/")
     assert build.index('"torch==${TORCH_VERSION}"') < first_code_copy, "code changes would re-download torch"

@@ -4,11 +4,9 @@ runs, and every metric the dashboard, rules and autoscaler read is one the serve
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import re
-import subprocess
 import time
 import urllib.parse
 import urllib.request
@@ -18,10 +16,10 @@ from datetime import datetime
 import grpc
 import pytest
 import yaml
-from deploy_support import REPO, exported_sample_names, http_get_json, promql_names
+from deploy_support import REPO, exported_sample_names, http_get_json, promql_names, start_prometheus
 
 from cbam.v1 import inference_pb2, inference_pb2_grpc
-from tests.support import free_port, wait_for
+from tests.support import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -33,8 +31,14 @@ RULES = [
     for rule in group["rules"]
 ]
 DASHBOARD = json.loads((REPO / "deploy/grafana/dashboards/cbam-serve.json").read_text(encoding="utf-8"))
-# Registered only when the server runs on CUDA (server/metrics.py, watch_cuda_memory).
-CUDA_ONLY = {"cbam_cuda_memory_allocated_bytes", "cbam_cuda_memory_reserved_bytes"}
+# Registered only when the server runs on CUDA (server/metrics.py, watch_cuda_memory and watch_gpus).
+CUDA_ONLY = {
+    "cbam_cuda_memory_allocated_bytes",
+    "cbam_cuda_memory_reserved_bytes",
+    "cbam_gpu_utilization_ratio",
+    "cbam_gpu_memory_used_bytes",
+    "cbam_gpu_memory_total_bytes",
+}
 OK_CALLS, BAD_CALLS = 40, 5
 
 
@@ -67,41 +71,11 @@ def _test_config(target: str) -> dict:
     return config
 
 
-def _ready_or_exited(process: subprocess.Popen, url: str) -> bool:
-    if process.poll() is not None:
-        return True  # the caller says why
-    with urllib.request.urlopen(f"{url}/-/ready", timeout=5) as response:
-        return response.status == 200
-
-
 @pytest.fixture(scope="module")
 def prometheus(require_binary, processes, live, tmp_path_factory) -> Prometheus:
-    binary = require_binary("prometheus")
-    home = tmp_path_factory.mktemp("prometheus")
-    config = home / "prometheus.yml"
     target = urllib.parse.urlsplit(live.metrics_url).netloc
-    config.write_text(yaml.safe_dump(_test_config(target)))
-    for _attempt in range(3):  # the free port can be taken between choosing and binding it
-        url = f"http://127.0.0.1:{free_port()}"
-        process = processes.start(
-            "prometheus",
-            [
-                binary,
-                f"--config.file={config}",
-                f"--storage.tsdb.path={home / 'data'}",
-                f"--web.listen-address={url.removeprefix('http://')}",
-                "--storage.tsdb.retention.time=1h",
-            ],
-        )
-        try:
-            wait_for(functools.partial(_ready_or_exited, process, url), timeout_s=120, what="Prometheus")
-        except pytest.fail.Exception:
-            pytest.fail(f"Prometheus not ready after 120 s:\n{processes.log(process)}")
-        if process.poll() is None:
-            return Prometheus(url)
-        if "address already in use" not in processes.log(process):
-            pytest.fail(f"Prometheus exited with {process.returncode}:\n{processes.log(process)}")
-    pytest.fail("Prometheus found no free port in 3 tries")
+    home = tmp_path_factory.mktemp("prometheus")
+    return Prometheus(start_prometheus(processes, require_binary("prometheus"), _test_config(target), home))
 
 
 @dataclass

@@ -49,6 +49,7 @@ def test_the_alerts_an_operator_needs_are_there():
     assert set(ALERTS) == {
         "CbamServeInstanceDown",
         "CbamServeHighErrorRatio",
+        "CbamServeGrpcServerErrors",
         "CbamServeHighLatencyP99",
         "CbamServeQueueSaturated",
         "CbamServeShedding",

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 
 import grpc
 import pytest
 
 from cbam.v1 import inference_pb2_grpc
-from models import SAMPLES_DIR
 from server.launcher import ServerProcess
 
 # max_batch_size 16 with a 100 ms delay: 16 concurrent calls close a batch at once, fewer wait.
@@ -26,10 +24,3 @@ def served() -> Iterator[ServerProcess]:
 def stub(served: ServerProcess) -> Iterator[inference_pb2_grpc.InferenceServiceStub]:
     with grpc.insecure_channel(served.address) as channel:
         yield inference_pb2_grpc.InferenceServiceStub(channel)
-
-
-@pytest.fixture(scope="session")
-def samples() -> list[tuple[bytes, str]]:
-    """The default model's sample digits: (PNG bytes, true label)."""
-    labels = json.loads((SAMPLES_DIR / "labels.json").read_text())
-    return [((SAMPLES_DIR / name).read_bytes(), label) for name, label in sorted(labels.items())]

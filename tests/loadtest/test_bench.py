@@ -217,3 +217,20 @@ def test_targets_are_judged_from_the_rows():
     assert targets["batching_gain_at_concurrency_32"]["met"] is True
     rows[1]["efficiency"] = 0.5
     assert evaluate_targets(rows, ceiling)["saturation_efficiency"]["met"] is False
+
+
+def test_tracing_cost_serves_every_variant_interleaved_and_the_spans_reach_the_sink(tmp_path):
+    out = tmp_path / "tracing.json"
+    tiny = ["--tracing-rounds", "1", "--concurrency", "2", "--duration", "0.5", "--warmup", "0.2"]
+    done = bench("--tracing-cost", *tiny, "--json", str(out), timeout=300)
+    assert done.returncode == 0, done.stderr
+    cost = json.loads(out.read_text())["tracing_cost"]
+    assert set(cost["by_variant"]) == {"off", "on", "on, stage events"}
+    for figures in cost["by_variant"].values():
+        assert figures["errors"] == 0 and figures["throughput"] > 0
+    assert set(cost["comparisons"]) == {"on / off", "on, stage events / off"}
+    for comparison in cost["comparisons"].values():
+        assert comparison["ratio"] > 0 and len(comparison["round_ratios"]) == 1
+    # The traced servers exported to the sink (the last spans at their shutdown, at the latest).
+    assert cost["sink"]["export_requests"] > 0 and cost["sink"]["bytes"] > 0
+    assert "Tracing's cost" in done.stdout

@@ -8,8 +8,8 @@ import inspect
 import pytest
 
 MODULES = [
-    "app", "auth", "batcher", "config", "errors", "launcher", "logs", "metrics", "pipeline", "postprocess",
-    "preprocess", "runner", "service", "__main__",
+    "app", "auth", "batcher", "config", "errors", "gpu", "interceptors", "launcher", "logs", "metrics",
+    "pipeline", "postprocess", "preprocess", "runner", "service", "tracing", "__main__",
 ]  # fmt: skip
 
 
