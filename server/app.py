@@ -3,14 +3,21 @@
 server, port = build_server(settings)   # model loaded, port bound, nothing running yet
 await server.start()                     # NOT_SERVING -> warm-up -> SERVING
 await server.stop(grace)                 # NOT_SERVING, finish in-flight and queued calls
+
+One process serves here; with ``workers`` above 1, server/supervisor.py runs several such processes
+(server/worker.py) on one port.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import signal
 import ssl
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 
 import grpc
 import torch
@@ -28,9 +35,10 @@ from server.interceptors import TelemetryInterceptor
 from server.logs import include_trace_ids
 from server.metrics import MetricsEndpoint, ServerMetrics
 from server.pipeline import InferencePipeline
-from server.runner import ModelDescription, ModelRunner, configure_malloc, configure_torch_threads
+from server.runner import ModelDescription, ModelRunner
 from server.service import InferenceServicer, ParseRequests
 from server.tracing import Tracing
+from server.tuning import configure_malloc, configure_torch_threads
 
 __all__ = ["InferenceServer", "build_server", "plaintext_warning", "serve"]
 
@@ -50,6 +58,7 @@ class InferenceServer:
         health: HealthServicer,
         metrics: ServerMetrics,
         port: int,
+        model_info: pb.ModelInfo,
         tracing: Tracing = Tracing.OFF,
     ) -> None:
         self.settings = settings
@@ -59,28 +68,27 @@ class InferenceServer:
         self.health = health
         self.metrics = metrics
         self.port = port
+        # What GetModelInfo answers; a worker updates its `workers` as the supervisor reports them.
+        self.model_info = model_info
         self.tracing = tracing
         self.metrics_port: int | None = None
         self._metrics_endpoint: MetricsEndpoint | None = None
 
-    async def start(self) -> None:
-        """Accept calls, warm up (health NOT_SERVING meanwhile), then report SERVING."""
+    async def start(self, *, serving: bool = True) -> None:
+        """Accept calls, warm up (health NOT_SERVING meanwhile), then report SERVING; with ``serving``
+        False, stay NOT_SERVING until ``set_serving(True)`` (a worker waits for the others)."""
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         if self.settings.metrics.enabled:
             m = self.settings.metrics
-            try:
-                self._metrics_endpoint = MetricsEndpoint(self.metrics.registry, m.host, m.port)
-            except OSError as exc:
-                raise StartupError(
-                    "metrics.port", f"cannot listen on {m.host}:{m.port}: {exc.strerror}"
-                ) from None
+            self._metrics_endpoint = MetricsEndpoint(self.metrics.registry, m.host, m.port)
             self.metrics_port = self._metrics_endpoint.port
         await self.grpc_server.start()
         self.pipeline.start()
         await self.pipeline.warm_up()
-        for name in ("", SERVICE_NAME):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if serving:
+            self.model_info.workers[0].ready = True
+            await self.set_serving(True)
         d = self.pipeline.description
         fields = {
             "port": self.port,
@@ -93,10 +101,23 @@ class InferenceServer:
             "max_batch_size": self.settings.batching.max_batch_size,
             "torch_threads": torch.get_num_threads(),
             "torch_interop_threads": torch.get_num_interop_threads(),
+            "preprocess_threads": self.pipeline.preprocess_threads,
         }
-        _log.info("serving", extra={"fields": fields})
+        _log.info("serving" if serving else "warmed up", extra={"fields": fields})
 
-    async def stop(self, grace: float | None = None) -> None:
+    async def set_serving(self, serving: bool) -> None:
+        """Health SERVING or NOT_SERVING for every service; ignored once draining."""
+        statuses = health_pb2.HealthCheckResponse
+        status = statuses.SERVING if serving else statuses.NOT_SERVING
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+    async def stop(
+        self,
+        grace: float | None = None,
+        *,
+        close_turn: Callable[[float], AbstractAsyncContextManager[None]] | None = None,
+    ) -> None:
         """Drain, then stop. ``grace`` (settings.grace_seconds by default) bounds the wait for what
         was already taken; anything still running after it is cancelled.
 
@@ -106,6 +127,11 @@ class InferenceServer:
         3. refusals are held until no call has come for a moment (CallTracker.hold_refusals says
            why), then gRPC sends GOAWAY and stops accepting, the held calls are answered
            UNAVAILABLE, and the inference threads and /metrics endpoint close.
+
+        A worker holds its refusals until ``close_turn(timeout)`` lets it close: the workers close
+        their ports one after another, each once the calls of those closed before it (whose clients
+        reconnect to the port, so to a worker still open) have come and gone quiet. Were two to close
+        at once, calls reconnecting from one could reach the other as it closes, and be CANCELLED.
         """
         grace = self.settings.grace_seconds if grace is None else grace
         _log.info("draining", extra={"fields": {"grace_seconds": grace}})
@@ -117,8 +143,12 @@ class InferenceServer:
         self.calls.refuse_new_work()
         await self.calls.wait_drained(timeout=grace)
         await self.calls.hold_refusals(timeout=min(1.0, max(0.0, deadline - loop.time())))
-        stopping = asyncio.create_task(self.grpc_server.stop(max(0.0, deadline - loop.time())))
-        await asyncio.sleep(0)  # stop()'s first step: GOAWAY, and gRPC takes no more calls
+        remaining = max(0.0, deadline - loop.time())
+        async with contextlib.nullcontext() if close_turn is None else close_turn(remaining):
+            if close_turn is not None:  # what the workers closed before this one sent here
+                await self.calls.hold_refusals(timeout=min(1.0, max(0.0, deadline - loop.time())))
+            stopping = asyncio.create_task(self.grpc_server.stop(max(0.0, deadline - loop.time())))
+            await asyncio.sleep(0)  # stop()'s first step: GOAWAY, and gRPC takes no more calls
         self.calls.release_refusals()
         await stopping
         await self.pipeline.close()
@@ -130,12 +160,18 @@ class InferenceServer:
         _log.info("stopped", extra={"fields": {}})
 
 
-def build_server(settings: Settings, *, runner: ModelRunner | None = None) -> tuple[InferenceServer, int]:
+def build_server(
+    settings: Settings, *, runner: ModelRunner | None = None, share_port: bool = False
+) -> tuple[InferenceServer, int]:
     """Load the model and bind the port (0 picks a free one); call within a running event loop.
 
     ``runner`` replaces the model that settings.model describes: a seam for tests, not a setting.
+    ``share_port``: bind with SO_REUSEPORT, beside the other workers of one supervisor (which has
+    already made sure no independent server holds the port).
     """
     configure_torch_threads()
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
     configure_malloc()
     tracing = Tracing.start(settings.tracing)
     if tracing.enabled:
@@ -144,7 +180,7 @@ def build_server(settings: Settings, *, runner: ModelRunner | None = None) -> tu
     if runner is None:
         runner = ModelRunner.from_settings(settings.model, settings.batching.max_batch_size)
     d = runner.description
-    metrics.describe_model(arch=d.arch, version=d.version, device=d.device, dtype=d.dtype)
+    metrics.describe_model(arch=d.arch, version=d.version, device=d.device, dtype=d.dtype, backend=d.backend)
     if runner.device.type == "cuda":
         device = runner.device
         metrics.watch_cuda_memory(
@@ -164,14 +200,16 @@ def build_server(settings: Settings, *, runner: ModelRunner | None = None) -> tu
             ("grpc.max_receive_message_length", limits.max_message_bytes),
             ("grpc.max_send_message_length", -1),
             ("grpc.max_concurrent_streams", limits.max_concurrent_streams),
-            ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share it
+            # A second server on the same port must fail, not share it; workers share it on purpose.
+            ("grpc.so_reuseport", 1 if share_port else 0),
         ],
         maximum_concurrent_rpcs=limits.max_concurrent_rpcs,
         interceptors=[telemetry, *_interceptors(settings, metrics)],
     )
     calls = CallTracker(metrics, tracing, {"cbam.model.arch": d.arch, "cbam.model.version": d.version})
+    model_info = _model_info(d, settings)
     servicer = InferenceServicer(
-        pipeline, _model_info(d, settings), calls, limits.max_stream_inflight, limits.max_batch_items
+        pipeline, model_info, calls, limits.max_stream_inflight, limits.max_batch_items
     )
     inference_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, server)
     health = HealthServicer()
@@ -190,7 +228,8 @@ def build_server(settings: Settings, *, runner: ModelRunner | None = None) -> tu
     port = _add_port(server, address, settings)
     if (warning := plaintext_warning(settings)) is not None:
         _log.warning(warning, extra={"fields": {"host": settings.host, "port": port}})
-    return InferenceServer(settings, server, pipeline, calls, health, metrics, port, tracing), port
+    built = InferenceServer(settings, server, pipeline, calls, health, metrics, port, model_info, tracing)
+    return built, port
 
 
 async def serve(settings: Settings) -> None:
@@ -220,6 +259,7 @@ def _model_info(d: ModelDescription, settings: Settings) -> pb.ModelInfo:
         std=d.std,
         device=d.device,
         dtype=d.dtype,
+        backend=d.backend,
         attention_blocks=d.attention_blocks,
         batching=pb.BatchingInfo(
             max_batch_size=settings.batching.max_batch_size,
@@ -230,6 +270,9 @@ def _model_info(d: ModelDescription, settings: Settings) -> pb.ModelInfo:
         max_image_pixels=settings.limits.max_image_pixels,
         max_message_bytes=settings.limits.max_message_bytes,
         max_batch_items=settings.limits.max_batch_items,
+        # This process alone; a worker's list is replaced by the supervisor's view of every worker.
+        workers=[pb.WorkerInfo(index=0, pid=os.getpid())],
+        worker=0,
     )
 
 

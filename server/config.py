@@ -9,6 +9,7 @@ environment.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -30,6 +31,8 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from server.backends import AUTO, backend_choices, describe_backends
+
 __all__ = [
     "Auth",
     "Batching",
@@ -40,12 +43,25 @@ __all__ = [
     "Settings",
     "Tls",
     "Tracing",
+    "default_cache_dir",
     "load_settings",
     "read_config_file",
     "usable_cores",
 ]
 
 _DEVICE_PATTERN = r"^(auto|cpu|cuda(:\d+)?|mps)$"
+# The registered backends, read from server/backends (which imports no torch), and "auto".
+BackendName = Literal[backend_choices()]  # type: ignore[valid-type]
+
+
+def default_cache_dir() -> Path:
+    """$XDG_CACHE_HOME/cbam-serve, or ~/.cache/cbam-serve: the XDG convention, read from the environment
+    as it prescribes (the one variable outside CBAM_* that the settings read)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "cbam-serve"
+
+
+MAX_WORKERS = 64
 
 
 class _Group(BaseModel):
@@ -75,11 +91,25 @@ class ModelSettings(_Group):
         "float32", description="Compute dtype; float16 needs CUDA, bfloat16 runs on CUDA and CPU."
     )
     channels_last: bool = Field(True, description="Run convolutions on channels-last (NHWC) memory.")
-    backend: Literal["eager", "compile", "onnxruntime"] = Field(
-        "eager",
-        description="How batches run: eager PyTorch; compile (torch.compile, one graph per batch bucket, "
-        "slow start); onnxruntime (exported ONNX graph; needs the onnx extra, float32 only).",
+    backend: BackendName = Field(
+        AUTO,
+        description="How batches run: auto (the fastest measured for the device among those installed: "
+        "onnxruntime on a CPU, else eager; falls back to eager if it fails its check); "
+        f"{describe_backends()}.",
     )
+    cache_dir: Path | None = Field(
+        default_factory=default_cache_dir,
+        description="Where built backends are kept between starts (exported ONNX files, Inductor's "
+        "compiled kernels), made if missing; default $XDG_CACHE_HOME/cbam-serve or ~/.cache/cbam-serve. "
+        "Empty turns the cache off; one that cannot be written serves without it (logged).",
+    )
+
+    @field_validator("cache_dir", mode="before")
+    @classmethod
+    def _empty_is_off(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return Path(value).expanduser() if value.strip() else None
+        return value
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSettings:
@@ -332,7 +362,24 @@ class Settings(BaseSettings):
     )
     reflection: bool = Field(True, description="Offer gRPC server reflection.")
     preprocess_threads: int = Field(
-        0, ge=0, description="Threads that decode and resize images; 0 = half the usable cores, at least 1."
+        0,
+        ge=0,
+        description="Threads that decode and resize images, per worker; 0 = half the worker's share of "
+        "the usable cores, at least 1.",
+    )
+    torch_threads: int = Field(
+        0,
+        ge=0,
+        description="Intra-op threads of one worker's forward pass; 0 = the worker's share of the usable "
+        "cores (all of them with one worker).",
+    )
+    workers: int = Field(
+        0,
+        ge=0,
+        le=MAX_WORKERS,
+        description="Server processes sharing the gRPC port, each with its own model replica, batcher and "
+        "share of the cores, under one supervisor; 0 = one per 4 usable cores, 1 to 8 "
+        "(docs/OPERATIONS.md).",
     )
     model: ModelSettings = ModelSettings()
     batching: Batching = Batching()
@@ -399,8 +446,27 @@ def load_settings(argv: list[str] | None = None) -> Settings:
 
 
 def usable_cores() -> int:
-    """CPU cores this process may run on (its affinity mask, not the machine's count)."""
+    """CPU cores this process may run on: its affinity mask (not the machine's count), or fewer where a
+    CPU quota allows less (a container's CPU limit: cgroup v2 cpu.max, or v1 cfs quota and period)."""
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
+    quota = _cpu_quota(Path("/sys/fs/cgroup"))
+    return cores if quota is None else max(1, min(cores, math.ceil(quota)))
+
+
+def _cpu_quota(cgroup: Path) -> float | None:
+    """The CPUs' worth of time a cgroup quota allows (1.5 for "150000 100000"), or None: no quota."""
+    try:
+        quota, _, period = (cgroup / "cpu.max").read_text().partition(" ")
+    except OSError:
+        try:
+            quota = (cgroup / "cpu" / "cpu.cfs_quota_us").read_text()
+            period = (cgroup / "cpu" / "cpu.cfs_period_us").read_text()
+        except OSError:
+            return None
+    quota, period = quota.strip(), period.strip()
+    if quota in ("max", "-1") or not quota.lstrip("-").isdigit() or not period.isdigit() or not int(period):
+        return None
+    return int(quota) / int(period)

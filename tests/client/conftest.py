@@ -32,12 +32,14 @@ class ScriptedInference(inference_pb2_grpc.InferenceServiceServicer):
         self.stream_calls = 0
         self.received_ids: list[str] = []
         self.metadata: list[dict[str, str]] = []
+        self.peers: list[str] = []  # the client's address and port of each call: its connection
         self._lock = threading.Lock()
 
     def _maybe_fail(self, context: grpc.ServicerContext) -> None:
         with self._lock:
             self.calls += 1
             self.metadata.append(dict(context.invocation_metadata()))
+            self.peers.append(context.peer())
             code = self.failures.pop(0) if self.failures else None
         if code is not None:
             context.abort(code, f"scripted {code.name}")

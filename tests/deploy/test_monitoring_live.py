@@ -1,4 +1,5 @@
-"""A real Prometheus, configured from deploy/prometheus, scraping a real cbam-serve: the numbers it
+"""A real Prometheus, configured from deploy/prometheus, scraping a real cbam-serve (two workers behind
+one endpoint): the numbers it
 answers agree with the traffic this test sent, the rules load and evaluate, every dashboard query
 runs, and every metric the dashboard, rules and autoscaler read is one the server exports."""
 
@@ -10,6 +11,7 @@ import re
 import time
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -19,6 +21,7 @@ import yaml
 from deploy_support import REPO, exported_sample_names, http_get_json, promql_names, start_prometheus
 
 from cbam.v1 import inference_pb2, inference_pb2_grpc
+from server.launcher import ServerProcess
 from tests.support import wait_for
 
 pytestmark = pytest.mark.slow
@@ -40,6 +43,15 @@ CUDA_ONLY = {
     "cbam_gpu_memory_total_bytes",
 }
 OK_CALLS, BAD_CALLS = 40, 5
+
+
+@pytest.fixture(scope="module")
+def live_server() -> Iterator[ServerProcess]:
+    """The server Prometheus scrapes here runs two workers: the one endpoint that merges them (in the
+    OpenMetrics format Prometheus asks for, every series labelled by worker) must serve every panel,
+    rule and alert as a single process does, and export the supervisor's own metrics too."""
+    with ServerProcess("--workers", "2") as server:
+        yield server
 
 
 class Prometheus:
@@ -72,8 +84,8 @@ def _test_config(target: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def prometheus(require_binary, processes, live, tmp_path_factory) -> Prometheus:
-    target = urllib.parse.urlsplit(live.metrics_url).netloc
+def prometheus(require_binary, processes, live_server, tmp_path_factory) -> Prometheus:
+    target = urllib.parse.urlsplit(live_server.metrics_url).netloc
     home = tmp_path_factory.mktemp("prometheus")
     return Prometheus(start_prometheus(processes, require_binary("prometheus"), _test_config(target), home))
 
@@ -104,13 +116,13 @@ def grown(expr: str, at: float) -> str:
 
 
 @pytest.fixture(scope="module")
-def traffic(prometheus, live, sample_png) -> Traffic:
+def traffic(prometheus, live_server, sample_png) -> Traffic:
     """One Classify call (so the series exists); once Prometheus has scraped twice after it, OK_CALLS good
     and BAD_CALLS bad ones; then a scrape that saw them all, and one more: no
     series the traffic made has a single sample after it."""
     wait_for(lambda: prometheus.query('up{job="cbam-serve"} == 1'), timeout_s=120, what="the target to be up")
     latencies = []
-    with grpc.insecure_channel(live.address) as channel:
+    with grpc.insecure_channel(live_server.address) as channel:
         stub = inference_pb2_grpc.InferenceServiceStub(channel)
 
         def classify(image: bytes) -> float:
@@ -147,8 +159,11 @@ def _bucket_ceiling(seconds: float) -> float:
 def test_prometheus_scrapes_the_service_as_the_repo_configures_it(prometheus, traffic):
     (up,) = prometheus.query('up{job="cbam-serve"}')
     assert up["value"][1] == "1"
-    (info,) = prometheus.query('cbam_model_info{job="cbam-serve"}')
-    assert info["metric"]["device"] == "cpu"
+    infos = prometheus.query('cbam_model_info{job="cbam-serve"}')  # one per worker
+    assert sorted(i["metric"]["worker"] for i in infos) == ["0", "1"]
+    assert all(i["metric"]["device"] == "cpu" for i in infos)
+    assert prometheus.value('cbam_workers{job="cbam-serve", state="serving"}') == 2
+    assert prometheus.value('sum(cbam_worker_restarts_total{job="cbam-serve"})') == 0
 
 
 def test_request_counts_are_what_the_client_sent(prometheus, traffic):
@@ -238,8 +253,8 @@ def test_every_dashboard_query_runs_and_shows_data(prometheus, traffic):
             assert result, f"panel {title!r} would show no data: {query}"
 
 
-def test_every_metric_read_by_dashboard_rules_and_autoscaler_is_exported(live, traffic):
-    with urllib.request.urlopen(live.metrics_url, timeout=5) as response:
+def test_every_metric_read_by_dashboard_rules_and_autoscaler_is_exported(live_server, traffic):
+    with urllib.request.urlopen(live_server.metrics_url, timeout=5) as response:
         exported = exported_sample_names(response.read().decode())
     exported.add("up")  # added by Prometheus to every target
     read: dict[str, set[str]] = {}

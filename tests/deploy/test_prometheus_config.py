@@ -53,6 +53,7 @@ def test_the_alerts_an_operator_needs_are_there():
         "CbamServeHighLatencyP99",
         "CbamServeQueueSaturated",
         "CbamServeShedding",
+        "CbamServeWorkerRestarted",
     }
     for name, rule in ALERTS.items():
         assert rule["labels"]["severity"] in ("critical", "warning"), name

@@ -21,7 +21,7 @@ from tests.support import ROOT
 ROW_FIELDS = {"throughput", "p50", "p95", "p99", "mean_batch_size", "errors", "efficiency"}
 
 
-def bench(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+def bench(*args: str, timeout: float = 850) -> subprocess.CompletedProcess:
     """A tiny run of cbam-bench. Its windows last at least until a call finished inside them, so even on
     a slow machine every row measured something."""
     command = [sys.executable, "-m", "loadtest.bench", "--ceiling-seconds", "0.05", *args]
@@ -52,6 +52,7 @@ def check_report(report: dict, settings: set[str], concurrency: list[int]) -> No
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # a cbam-bench run: minutes on a busy machine
 def test_quick_run_starts_its_own_servers_and_reports_every_field(tmp_path):
     out, picture = tmp_path / "bench.json", tmp_path / "bench.png"
     tiny = ["--quick", "--concurrency", "1,4", "--duration", "1", "--warmup", "0.2"]
@@ -67,6 +68,7 @@ def test_quick_run_starts_its_own_servers_and_reports_every_field(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # a cbam-bench run: minutes on a busy machine
 def test_against_a_running_server(live, tmp_path):
     out = tmp_path / "bench.json"
     tiny = ["--concurrency", "2", "--duration", "1", "--warmup", "0.2"]
@@ -78,6 +80,7 @@ def test_against_a_running_server(live, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # a cbam-bench run: minutes on a busy machine
 def test_many_images_per_call(tmp_path):
     out = tmp_path / "bench.json"
     tiny = ["--batch-sizes", "4", "--concurrency", "2", "--duration", "1", "--warmup", "0.2"]
@@ -94,6 +97,7 @@ def test_many_images_per_call(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # a cbam-bench run: minutes on a busy machine
 def test_an_architecture_by_name(tmp_path):
     out = tmp_path / "bench.json"
     tiny = ["--batch-sizes", "1", "--concurrency", "1", "--duration", "1", "--warmup", "0.2"]
@@ -102,6 +106,33 @@ def test_an_architecture_by_name(tmp_path):
     report = json.loads(out.read_text())
     check_report(report, {"1"}, [1])
     assert report["model"]["arch"] == "cbam_resnet8_cifar" and report["model"]["version"] == "random-seed0"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # a cbam-bench run: minutes on a busy machine
+def test_worker_counts_compared_in_one_run_with_the_servers_cpu_per_image(tmp_path):
+    out = tmp_path / "bench.json"
+    tiny = ["--batch-sizes", "8", "--concurrency", "4", "--duration", "1", "--warmup", "0.2"]
+    done = bench(*tiny, "--workers", "1,2", "--rounds", "2", "--json", str(out), timeout=850)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(out.read_text())
+    rows = report["results"]
+    # A, B then B, A; each row says which server it measured and how the load reached it.
+    assert [(r["workers"], r["round"]) for r in rows] == [(1, 1), (2, 1), (2, 2), (1, 2)]
+    for row in rows:
+        assert row["errors"] == 0 and row["setting"] == f"{row['workers']}w 8"
+        assert row["channels"] == (1 if row["workers"] == 1 else 4)  # 8 per worker, one per caller at most
+        shares = row["worker_share"]
+        assert sorted(shares) == ([""] if row["workers"] == 1 else ["0", "1"])
+        assert sum(shares.values()) == pytest.approx(1.0)
+        cpu, forward, outside = (row[k] for k in ("server_cpu_ms_per_image", "forward_cpu_ms_per_image",
+                                                  "outside_forward_cpu_ms_per_image"))  # fmt: skip
+        assert cpu > 0 and forward > 0 and outside > 0 and outside == pytest.approx(cpu - forward)
+        assert row["server_cores_used"] > 0 and row["forward_wall_ms_per_image"] > 0
+    (compared,) = report["workers_comparison"]
+    assert (compared["workers"], compared["base_workers"], compared["concurrency"]) == (2, 1, 4)
+    assert len(compared["round_ratios"]) == 2 and compared["ratio"] > 0
+    assert "2 workers / 1" in done.stderr
 
 
 @pytest.mark.parametrize(
@@ -114,6 +145,9 @@ def test_an_architecture_by_name(tmp_path):
         ["--cbam-cost", "--quick"],
         ["--images-per-call", "0"],
         ["--cbam-cost", "--arch", "cbam_resnet50"],
+        ["--workers", "0"],
+        ["--rounds", "0"],
+        ["--target", "127.0.0.1:1", "--workers", "2"],
     ],
 )
 def test_usage_errors_exit_2(argv, capsys):
@@ -123,14 +157,15 @@ def test_usage_errors_exit_2(argv, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # a cbam-bench run: minutes on a busy machine
 def test_cbam_cost_times_both_models_and_judges_the_target(tmp_path):
     out = tmp_path / "cost.json"
     # One core, hence one torch thread: two threads on a machine whose other core is busy wait on
     # each other and single passes vary tenfold; one thread shares its core evenly between the two
     # models. Three rounds, so the median ratio is one round's, whatever one odd round did.
     one_core = str(max(os.sched_getaffinity(0)))
-    done = bench("--cbam-cost", "--cost-batch-sizes", "1,2", "--cost-rounds", "3", "--server-cpus", one_core,
-                 "--json", str(out))  # fmt: skip
+    cost_args = ["--backend", "eager", "--cost-batch-sizes", "1,2", "--cost-rounds", "3"]
+    done = bench("--cbam-cost", *cost_args, "--server-cpus", one_core, "--json", str(out))
     assert done.returncode == 0, done.stderr
     cost = json.loads(out.read_text())["cbam_cost"]
     assert cost["backend"] == "eager" and cost["input_size"] == [224, 224] and cost["rounds"] == 3
@@ -219,10 +254,12 @@ def test_targets_are_judged_from_the_rows():
     assert evaluate_targets(rows, ceiling)["saturation_efficiency"]["met"] is False
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # a cbam-bench run: minutes on a busy machine
 def test_tracing_cost_serves_every_variant_interleaved_and_the_spans_reach_the_sink(tmp_path):
     out = tmp_path / "tracing.json"
     tiny = ["--tracing-rounds", "1", "--concurrency", "2", "--duration", "0.5", "--warmup", "0.2"]
-    done = bench("--tracing-cost", *tiny, "--json", str(out), timeout=300)
+    done = bench("--tracing-cost", *tiny, "--json", str(out), timeout=850)
     assert done.returncode == 0, done.stderr
     cost = json.loads(out.read_text())["tracing_cost"]
     assert set(cost["by_variant"]) == {"off", "on", "on, stage events"}
