@@ -170,8 +170,8 @@ def test_one_endpoint_serves_every_workers_series_labelled_by_worker(two_workers
     assert samples[("cbam_requests_total", (*ok, ("worker", "1")))] == 4
     assert samples[("cbam_queue_depth", (("worker", "1"),))] == 7
     assert samples[("cbam_workers", (("state", "serving"),))] == 2
-    assert ("cbam_model_info", (("arch", "a"), ("device", "cpu"), ("dtype", "float32"), ("version", "v"),
-                                ("worker", "0"))) in samples  # fmt: skip
+    assert ("cbam_model_info", (("arch", "a"), ("backend", "eager"), ("device", "cpu"), ("dtype", "float32"),
+                                ("version", "v"), ("worker", "0"))) in samples  # fmt: skip
     assert text.count("# TYPE cbam_requests_total ") == 1  # one family, not one per worker
 
 
