@@ -1,37 +1,28 @@
-"""The served side of the benchmark: cbam-serve as a subprocess, its /metrics and CPU counters, and the
-load generator."""
+"""The load generator of the benchmark, and the server's own counters it reads at a window's edges
+(/metrics, and the CPU time of its processes). The servers it starts are server.launcher.ServerProcess
+children.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import json
+import contextlib
+import math
 import os
 import struct
-import subprocess
-import sys
-import threading
 import time
-import urllib.request
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 import numpy as np
-from prometheus_client.parser import text_string_to_metric_families
 
 from client import AsyncClient, CbamError, RetryPolicy
+from server.launcher import scrape
 
-__all__ = [
-    "PROTOCOLS",
-    "LaunchedServer",
-    "LoadResult",
-    "ServerCounters",
-    "drive_load",
-    "oip_model_name",
-    "read_counters",
-]
+__all__ = ["PROTOCOLS", "LoadResult", "ServerCounters", "drive_load", "oip_model_name", "read_counters"]
 
 PROTOCOLS = ("cbam", "oip")  # cbam.v1 Classify / ClassifyBatch; the Open Inference Protocol's ModelInfer
 _MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
@@ -39,107 +30,6 @@ _MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 # The operating-system name of the server's forward thread (server.pipeline.INFERENCE_THREAD; not
 # imported, so that measuring a server does not load it).
 INFERENCE_THREAD = "cbam-inference"
-
-
-class LaunchedServer:
-    """`python -m server` on free loopback ports, started and stopped by the benchmark.
-
-    Waits for the server's JSON "serving" log line (on stderr) for its gRPC and metrics ports; the rest
-    of its log is drained in a thread so the pipe never fills, and its tail is kept for error messages.
-    """
-
-    def __init__(self, args: list[str], startup_timeout: float = 300.0, checkout: Path | None = None) -> None:
-        """``checkout``: run the server code of that source tree (a worktree of main, say), not this one."""
-        self.checkout = checkout
-        self.args = [
-            sys.executable,
-            "-m",
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--metrics.host",
-            "127.0.0.1",
-            "--metrics-port",
-            "0",
-            *args,
-        ]
-        self.startup_timeout = startup_timeout
-        self.port: int | None = None
-        self.metrics_port: int | None = None
-        self.serving: dict = {}  # the "serving" log record: backend, batching, threads, ...
-        self._tail: collections.deque[str] = collections.deque(maxlen=40)
-        self._process: subprocess.Popen | None = None
-        self._reader: threading.Thread | None = None
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def metrics_url(self) -> str:
-        return f"http://127.0.0.1:{self.metrics_port}/metrics"
-
-    @property
-    def pid(self) -> int | None:
-        return None if self._process is None else self._process.pid
-
-    def __enter__(self) -> LaunchedServer:
-        self.start()
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.stop()
-
-    def start(self) -> None:
-        env = None
-        if self.checkout is not None:  # its packages first on the path, its proto/ for the stubs
-            path = [str(self.checkout), str(self.checkout / "proto"), os.environ.get("PYTHONPATH", "")]
-            # No __pycache__ written into someone else's tree.
-            env = {
-                **os.environ,
-                "PYTHONPATH": os.pathsep.join(p for p in path if p),
-                "PYTHONDONTWRITEBYTECODE": "1",
-            }
-        self._process = subprocess.Popen(
-            self.args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-            cwd=self.checkout, env=env,
-        )  # fmt: skip
-        found = threading.Event()
-        self._reader = threading.Thread(target=self._read_log, args=(found,), daemon=True)
-        self._reader.start()
-        deadline = time.monotonic() + self.startup_timeout
-        while not found.wait(0.1):
-            if self._process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                tail = "\n".join(self._tail)
-                raise RuntimeError(f"cbam-serve did not start ({' '.join(self.args[1:])}):\n{tail}")
-
-    def _read_log(self, found: threading.Event) -> None:
-        with self._process.stderr:  # closed when the log ends: the server has exited
-            for line in self._process.stderr:
-                self._tail.append(line.rstrip())
-                if not found.is_set() and line.startswith("{"):
-                    try:
-                        record = json.loads(line)
-                    except ValueError:
-                        continue
-                    if record.get("event") == "serving":
-                        self.port, self.metrics_port = record["port"], record.get("metrics_port")
-                        self.serving = record
-                        found.set()
-
-    def stop(self) -> None:
-        if self._process is not None and self._process.poll() is None:
-            self._process.terminate()  # SIGTERM: the server drains, then exits
-            try:
-                self._process.wait(30)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait()
-        if self._reader is not None:
-            self._reader.join(10)  # it closes the log's pipe once the log ends
 
 
 @dataclass(frozen=True)
@@ -160,22 +50,19 @@ def read_counters(url: str | None, pids: Sequence[int] = ()) -> ServerCounters |
     and every worker) whose CPU time to read."""
     if not url:
         return None
-    with urllib.request.urlopen(url, timeout=10) as response:
-        text = response.read().decode()
     batch_sum = batches = forward = 0.0
     images: dict[str, float] = collections.defaultdict(float)
     seen = False
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            labels = sample.labels
-            if sample.name == "cbam_batch_size_sum":
-                batch_sum, seen = batch_sum + sample.value, True
-            elif sample.name == "cbam_batch_size_count":
-                batches += sample.value
-            elif sample.name == "cbam_stage_duration_seconds_sum" and labels.get("stage") == "inference":
-                forward += sample.value
-            elif sample.name == "cbam_images_total" and labels.get("code") == "OK":
-                images[labels.get("worker", "")] += sample.value
+    for (name, label_items), value in scrape(url).items():
+        labels = dict(label_items)
+        if name == "cbam_batch_size_sum":
+            batch_sum, seen = batch_sum + value, True
+        elif name == "cbam_batch_size_count":
+            batches += value
+        elif name == "cbam_stage_duration_seconds_sum" and labels.get("stage") == "inference":
+            forward += value
+        elif name == "cbam_images_total" and labels.get("code") == "OK":
+            images[labels.get("worker", "")] += value
     if not seen:
         raise RuntimeError(f"{url} has no cbam_batch_size histogram")
     cpu = _cpu_seconds(pids) if pids else None
@@ -212,7 +99,7 @@ class LoadResult:
     """What one load run measured, in its measuring window."""
 
     concurrency: int
-    seconds: float
+    seconds: float  # the window's length
     images_per_call: int = 1
     completed_calls: int = 0  # successful calls that finished inside the window, wherever they started
     latencies: list[float] = field(default_factory=list)  # seconds, successful calls wholly inside it
@@ -246,6 +133,7 @@ class LoadResult:
         mean_batch_size = figures.pop("mean_batch_size") if from_metrics else per_request
         return {
             "concurrency": self.concurrency,
+            "seconds": self.seconds,
             "requests": self.completed_calls,
             "images_per_call": self.images_per_call,
             "throughput": self.completed_calls * self.images_per_call / self.seconds,
@@ -319,13 +207,16 @@ async def drive_load(
     model_name: str = "",
 ) -> LoadResult:
     """`concurrency` tasks, each sending `image` (a uint8 H x W x 3 array, or PNG bytes) back to back over
-    `channels` channels, for warm-up and then `seconds` of measurement. With protocol "cbam": one
+    `channels` channels, through a warm-up and then a measuring window. With protocol "cbam": one
     Classify per call or, with `images_per_call` above 1, that many copies per ClassifyBatch call; with
     "oip": one ModelInfer of `model_name` per call, its `images_per_call` copies as one tensor (UINT8
     [N, H, W, 3], or BYTES [N, 1] for PNG), asking for the top class. Retries are off: an error counts
     (a failed image in a batch call counts as its call's error).
 
-    Throughput counts the calls that finish inside the measuring window, latencies those that also
+    The warm-up lasts `warmup_seconds`, and until every task has had its first answer. The window lasts
+    `seconds`, and longer if no call has yet started and finished inside it (at most `timeout` longer),
+    so that a slow machine measures something rather than nothing; its real length is the result's
+    `seconds`. Throughput counts the calls that finish inside the window, latencies those that also
     start in it; the server's counters (/metrics, and the CPU time of ``server_pids``) are read at the
     window's two edges.
     """
@@ -346,10 +237,13 @@ async def drive_load(
     connections = await _spread_over_workers(connections, connect)
     result = LoadResult(concurrency, seconds, images_per_call)
     loop = asyncio.get_running_loop()
-    start = time.perf_counter() + warmup_seconds
-    end = start + seconds
+    start = end = math.inf  # the window, once the timekeeper opens and closes it
+    first_answers = 0
+    warm, measured = asyncio.Event(), asyncio.Event()
 
     async def caller(send: Callable[[], Awaitable[list[int]]]) -> None:
+        nonlocal first_answers
+        answered = False
         while (t0 := time.perf_counter()) < end:
             try:
                 batch_sizes = await send()
@@ -357,23 +251,40 @@ async def drive_load(
                 if start <= t0:
                     code = exc.code if isinstance(exc, CbamError) else exc.code()
                     result.errors[code.name] += 1
-                continue
-            result.record(t0, time.perf_counter(), batch_sizes, start, end)
+            else:
+                result.record(t0, time.perf_counter(), batch_sizes, start, end)
+                if result.latencies:
+                    measured.set()
+            if not answered:
+                answered, first_answers = True, first_answers + 1
+                if first_answers == concurrency:
+                    warm.set()
 
-    async def window_edges() -> tuple:
-        await asyncio.sleep(max(0.0, start - time.perf_counter()))
-        before = await loop.run_in_executor(None, read_counters, metrics_url, server_pids)
-        await asyncio.sleep(max(0.0, end - time.perf_counter()))
+    async def timekeeper() -> tuple:
+        nonlocal start, end
+        try:
+            await asyncio.gather(asyncio.sleep(warmup_seconds), warm.wait())
+            # Read first, then open: every forward of a call started in the window comes after it.
+            before = await loop.run_in_executor(None, read_counters, metrics_url, server_pids)
+            start = time.perf_counter()
+            await asyncio.sleep(seconds)
+            # Nothing finished in the window even then: the summary says so (no latencies).
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(measured.wait(), timeout)
+        finally:
+            end = time.perf_counter()  # the callers stop, whatever happened here
         after = await loop.run_in_executor(None, read_counters, metrics_url, server_pids)
         return before, after
 
+    edges = asyncio.ensure_future(timekeeper())
     try:
-        edges = asyncio.ensure_future(window_edges())
         await asyncio.gather(*(caller(connections[i % len(connections)].send) for i in range(concurrency)))
         result.before, result.after = await edges
     finally:
+        edges.cancel()
         for connection in connections:
             await connection.close()
+    result.seconds = end - start
     return result
 
 

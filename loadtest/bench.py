@@ -47,6 +47,7 @@ from rich.console import Console
 
 from client import Client, ModelInfo
 from server.backends import AUTO, backend_choices  # names only: no torch
+from server.launcher import ServerProcess
 
 from ._ceiling import CeilingMeter, backend_callable, build_model, configure_threads, resolve_backend
 from ._cost import cost_table, measure_cbam_cost
@@ -61,7 +62,7 @@ from ._report import (
     results_table,
     verdict,
 )
-from ._served import PROTOCOLS, LaunchedServer, drive_load, oip_model_name
+from ._served import PROTOCOLS, drive_load, oip_model_name
 
 __all__ = ["main"]
 
@@ -158,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             flags = (["--arch", args.arch] if args.arch else []) + flags
             flags += [] if workers is None else ["--workers", str(workers)]
             flags += ["--model.backend", args.backend, *args.server_arg]
-            server = None if args.target else LaunchedServer(flags)
+            server = None if args.target else ServerProcess(*flags)
             if server is not None:
                 console.print(f"starting cbam-serve {' '.join(flags)} ...", highlight=False)
                 server.start()  # inherits this thread's cores: the server's
@@ -168,7 +169,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 served = _served_rows(args, server, setting is None, input_size, concurrency, load, console)
             finally:
                 if server is not None:
-                    server.stop()
+                    server.stop()  # SIGTERM: it drains (and is killed if it takes too long)
+                    server.kill()  # whatever is left of its process group: a supervisor's workers too
                 _pin(server_cpus)
             for row in served:
                 measured.add((workers, row["max_batch_size"], round_))
@@ -236,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _served_rows(
     args: argparse.Namespace,
-    server: LaunchedServer | None,
+    server: ServerProcess | None,
     default_batching: bool,
     input_size: tuple[int, int],
     concurrency: list[int],
@@ -248,7 +250,7 @@ def _served_rows(
     if server is None:
         target, metrics_url, pids = args.target, args.metrics_url, []
     else:
-        target, metrics_url = server.target, server.metrics_url
+        target, metrics_url = server.address, server.metrics_url
     info = _check_served(target, args.arch, input_size)
     model_name = oip_model_name(target) if args.protocol == "oip" else ""
     workers = max(1, len(info.workers))

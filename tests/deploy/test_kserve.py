@@ -13,8 +13,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from cbam.oip import grpc_service_pb2 as oip_pb
 from cbam.oip import grpc_service_pb2_grpc
 from server.config import Settings, load_settings
+from server.launcher import ServerProcess
 from server.protocols.oip import SERVICE_NAME
-from tests.support import ServerProcess
 
 KSERVE = REPO / "deploy/kserve"
 KUSTOMIZATION = yaml.safe_load((KSERVE / "kustomization.yaml").read_text(encoding="utf-8"))

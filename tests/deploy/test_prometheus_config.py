@@ -40,7 +40,7 @@ def promtool(require_binary) -> str:
     ids=["check-config", "check-rules", "test-rules"],
 )
 def test_promtool_accepts(promtool, command):
-    done = subprocess.run([promtool, *command], cwd=PROMETHEUS, capture_output=True, text=True, timeout=60)
+    done = subprocess.run([promtool, *command], cwd=PROMETHEUS, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "SUCCESS" in done.stdout + done.stderr
 

@@ -16,18 +16,19 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import ROOT, server_env
+from server.launcher import child_env
+from tests.support import ROOT
 
 CASES = Path(__file__).with_name("tritonclient_cases.py")
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]  # a cbam-serve of its own
 
 
 def test_tritonclient_cases_all_pass(tmp_path: Path) -> None:
     report = tmp_path / "report.xml"
     done = subprocess.run(
         [sys.executable, "-m", "pytest", str(CASES), "-q", "-p", "no:cacheprovider", f"--junitxml={report}"],
-        cwd=ROOT, env=server_env(), capture_output=True, text=True, timeout=540,
+        cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=540,
     )  # fmt: skip
     assert report.exists(), done.stdout + done.stderr
     cases = ElementTree.parse(report).getroot().iter("testcase")

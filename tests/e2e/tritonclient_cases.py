@@ -17,7 +17,7 @@ from tritonclient.utils import InferenceServerException
 
 from client import Client
 from models import SAMPLES_DIR
-from tests.support import ServerProcess
+from server.launcher import ServerProcess
 
 MODEL = "cbam_resnet8_cifar"
 LIMIT = 8  # --limits.max_batch_items

@@ -26,7 +26,7 @@ from server.loading import load_model
 from server.runner import ModelRunner
 from tests.reliability import corpus
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = pytest.mark.timeout(300)
 
 BATCH = 8
 
@@ -73,7 +73,7 @@ async def faulty():
     form one batch (the batch delay is generous)."""
     settings = load_settings([
         "--host", "127.0.0.1", "--port", "0", "--metrics.enabled", "false",
-        "--batching.max_batch_size", str(BATCH), "--batching.max_batch_delay_ms", "2000",
+        "--batching.max_batch_size", str(BATCH), "--batching.max_batch_delay_ms", "10000",
     ])  # fmt: skip
     served, meta = load_model(settings.model)
     model = FaultyModel(served)

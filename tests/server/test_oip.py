@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import io
 import struct
+import time
 from collections.abc import AsyncIterator, Callable
 
 import grpc
@@ -21,7 +22,8 @@ from cbam.v1 import inference_pb2 as v1
 from cbam.v1 import inference_pb2_grpc
 from server.app import InferenceServer
 from server.runner import ModelRunner
-from tests.server.conftest import eventually, sample
+from tests.server.conftest import sample
+from tests.support import eventually
 
 MODEL = "cbam_resnet8_cifar"
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
@@ -424,7 +426,9 @@ async def test_deadline_and_timeout_parameter_expire_in_the_queue(make_server, o
     )
     timing_out = asyncio.ensure_future(stub.ModelInfer(request, timeout=30))
     await eventually(lambda: server.pipeline.batcher.depth == 3)  # the expired request's two, and this one
-    await asyncio.sleep(0.3)  # past the request's own timeout, while the gate holds the model
+    # The server set its deadline (same clock) before it was queued: it has passed by then.
+    passed = time.monotonic() + 0.2
+    await eventually(lambda: time.monotonic() > passed, what="the request's own timeout to pass")
     gate.release()
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await timing_out

@@ -8,8 +8,8 @@ import inspect
 import pytest
 
 MODULES = [
-    "app", "assembly", "auth", "batcher", "config", "errors", "gpu", "interceptors", "loading", "logs",
-    "metrics", "pipeline", "postprocess", "preprocess", "runner", "service", "supervisor", "tracing",
+    "app", "assembly", "auth", "batcher", "config", "errors", "gpu", "interceptors", "launcher", "loading",
+    "logs", "metrics", "pipeline", "postprocess", "preprocess", "runner", "service", "supervisor", "tracing",
     "tuning", "worker", "__main__", "backends", "backends.auto", "backends.base", "backends.cache",
     "backends.compiled", "backends.eager", "backends.onnx",
     "protocols.oip", "protocols.oip_model", "protocols.oip_tensors",

@@ -151,7 +151,7 @@ def test_one_endpoint_serves_every_workers_series_labelled_by_worker(two_workers
     workers[0].requests.labels("Classify", "OK").inc(3)
     workers[1].requests.labels("Classify", "OK").inc(4)
     workers[1].queue_depth.set(7)
-    workers[0].describe_model(arch="a", version="v", device="cpu", dtype="float32")
+    workers[0].describe_model(arch="a", version="v", device="cpu", dtype="float32", backend="eager")
     supervisor = SupervisorMetrics()
     supervisor.workers.labels("serving").set(2)
     targets = [("0", endpoints[0].port), ("1", endpoints[1].port)]
@@ -170,8 +170,8 @@ def test_one_endpoint_serves_every_workers_series_labelled_by_worker(two_workers
     assert samples[("cbam_requests_total", (*ok, ("worker", "1")))] == 4
     assert samples[("cbam_queue_depth", (("worker", "1"),))] == 7
     assert samples[("cbam_workers", (("state", "serving"),))] == 2
-    assert ("cbam_model_info", (("arch", "a"), ("device", "cpu"), ("dtype", "float32"), ("version", "v"),
-                                ("worker", "0"))) in samples  # fmt: skip
+    assert ("cbam_model_info", (("arch", "a"), ("backend", "eager"), ("device", "cpu"), ("dtype", "float32"),
+                                ("version", "v"), ("worker", "0"))) in samples  # fmt: skip
     assert text.count("# TYPE cbam_requests_total ") == 1  # one family, not one per worker
 
 
