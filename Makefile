@@ -9,8 +9,9 @@ serve: setup
 test:
 	bash .ci/run
 # Regenerate the protobuf/gRPC modules from proto/ (tests/test_proto.py fails when they drift).
+PROTOS = proto/cbam/v1/inference.proto proto/cbam/oip/model_config.proto proto/cbam/oip/grpc_service.proto
 proto:
-	$(PY) -m grpc_tools.protoc -Iproto --python_out=proto --pyi_out=proto --grpc_python_out=proto proto/cbam/v1/inference.proto
+	$(PY) -m grpc_tools.protoc -Iproto --python_out=proto --pyi_out=proto --grpc_python_out=proto $(PROTOS)
 lint:
 	$(PY) -m ruff check .
 bench:

@@ -9,6 +9,8 @@ beside Locust's own --host (HOST:PORT, grpc:// optional):
     --cbam-stream-size N     images per stream (default 8)
     --cbam-batch-share       share of tasks that send one ClassifyBatch call instead, 0..1 (default 0)
     --cbam-batch-size N      images per ClassifyBatch call (default 8)
+    --cbam-oip-share         share of tasks that send one Open Inference Protocol ModelInfer, 0..1 (default 0)
+    --cbam-oip-batch-size N  images per ModelInfer, as one UINT8 [N, H, W, 3] tensor (default 8)
     --cbam-top-k K, --cbam-timeout SECONDS, --cbam-token TOKEN, --cbam-tls-ca PEM
     --cbam-requests N        stop the run once N requests were recorded (default 0: only --run-time
                              stops it); a run bounded by work done, however fast the machine is
@@ -16,12 +18,14 @@ beside Locust's own --host (HOST:PORT, grpc:// optional):
 
 Each Classify is one Locust request named "Classify" (or "Classify+attention"); each image of a stream is
 one request named "ClassifyStream item", timed from when gRPC took it to when its answer came; each image
-of a ClassifyBatch call one request named "ClassifyBatch item", timed by its call.
+of a ClassifyBatch call one request named "ClassifyBatch item", timed by its call; each ModelInfer one
+request named "ModelInfer" (its images decoded and resized to the model's input size once, at start).
 """
 
 from __future__ import annotations
 
 import glob
+import io
 import random
 import time
 from pathlib import Path
@@ -36,7 +40,11 @@ from locust.stats import CSV_STATS_INTERVAL_SEC  # isort: skip
 grpc_gevent.init_gevent()
 
 import grpc  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
 
+from cbam.oip import grpc_service_pb2 as oip_pb  # noqa: E402
+from cbam.oip import grpc_service_pb2_grpc  # noqa: E402
 from cbam.v1 import inference_pb2  # noqa: E402
 
 from ._base import RequestOptions  # noqa: E402
@@ -73,6 +81,8 @@ _ARGUMENTS = [
     ("--cbam-stream-size", int, 8, "Images per ClassifyStream call"),
     ("--cbam-batch-share", float, 0.0, "Share of tasks sending one ClassifyBatch call, 0..1"),
     ("--cbam-batch-size", int, 8, "Images per ClassifyBatch call"),
+    ("--cbam-oip-share", float, 0.0, "Share of tasks sending one Open Inference Protocol ModelInfer, 0..1"),
+    ("--cbam-oip-batch-size", int, 8, "Images per ModelInfer (one UINT8 tensor)"),
     ("--cbam-top-k", int, 5, "Labels asked for"),
     ("--cbam-timeout", float, 10.0, "Deadline of each call, in seconds"),
     ("--cbam-token", str, "", "Bearer token, if the server asks for one"),
@@ -122,12 +132,14 @@ class CbamGrpcUser(User):
 
     def on_start(self) -> None:
         options = self.environment.parsed_options
-        for name in ("cbam_attention_share", "cbam_stream_share", "cbam_batch_share"):
+        for name in ("cbam_attention_share", "cbam_stream_share", "cbam_batch_share", "cbam_oip_share"):
             share = getattr(options, name)
             if not 0 <= share <= 1:
                 raise ValueError(f"--{name.replace('_', '-')} should be in 0..1, got {share}")
-        if options.cbam_stream_share + options.cbam_batch_share > 1:
-            raise ValueError("--cbam-stream-share and --cbam-batch-share should add up to at most 1")
+        if options.cbam_stream_share + options.cbam_batch_share + options.cbam_oip_share > 1:
+            raise ValueError(
+                "--cbam-stream-share, --cbam-batch-share and --cbam-oip-share should add up to at most 1"
+            )
         self.images = [path.read_bytes() for path in find_images(options.cbam_images)]
         self.attention_share = options.cbam_attention_share
         self.stream_share = options.cbam_stream_share
@@ -143,6 +155,24 @@ class CbamGrpcUser(User):
             target, retry=RetryPolicy.none(), token=options.cbam_token or None, tls=tls, timeout=self.timeout
         )
         self.rng = random.Random()
+        self.oip_share = options.cbam_oip_share
+        self.oip_batch_size = max(1, options.cbam_oip_batch_size)
+        if self.oip_share:
+            self.oip = grpc_service_pb2_grpc.GRPCInferenceServiceStub(self.client._channels[0])
+            self.oip_model, self.oip_pixels = self._oip_model()
+
+    def _oip_model(self) -> tuple[str, list[np.ndarray]]:
+        """The served model's name, and the images as uint8 pixels at its input size (H x W x 3)."""
+        call = {"timeout": self.timeout, "metadata": self.client._call_metadata()}
+        (model,) = self.oip.RepositoryIndex(oip_pb.RepositoryIndexRequest(), **call).models
+        metadata = self.oip.ModelMetadata(oip_pb.ModelMetadataRequest(name=model.name), **call)
+        height, width, _ = next(t.shape[1:] for t in metadata.inputs if t.datatype == "UINT8")
+        pixels = []
+        for data in self.images:
+            with Image.open(io.BytesIO(data)) as image:
+                resized = image.convert("RGB").resize((width, height), Image.Resampling.BILINEAR)
+            pixels.append(np.asarray(resized, dtype=np.uint8))
+        return model.name, pixels
 
     def on_stop(self) -> None:
         self.client.close()
@@ -154,6 +184,8 @@ class CbamGrpcUser(User):
             self._stream()
         elif draw < self.stream_share + self.batch_share:
             self._batch()
+        elif draw < self.stream_share + self.batch_share + self.oip_share:
+            self._model_infer()
         else:
             self._unary()
 
@@ -191,6 +223,21 @@ class CbamGrpcUser(User):
             return
         for item in response.results:
             self._fire("ClassifyBatch item", started, item.ByteSize(), item_error(item))
+
+    def _model_infer(self) -> None:
+        batch = np.stack([self.rng.choice(self.oip_pixels) for _ in range(self.oip_batch_size)])
+        request = oip_pb.ModelInferRequest(model_name=self.oip_model)
+        request.inputs.add(name="images", datatype="UINT8", shape=list(batch.shape))
+        request.raw_input_contents.append(batch.tobytes())
+        request.outputs.add(name="probabilities").parameters["classification"].int64_param = self.top_k
+        started = time.perf_counter()
+        response, exception = None, None
+        try:
+            metadata = self.client._call_metadata()
+            response = self.oip.ModelInfer(request, timeout=self.timeout, metadata=metadata)
+        except grpc.RpcError as exc:
+            exception = error_from_rpc(exc)
+        self._fire("ModelInfer", started, response.ByteSize() if response is not None else 0, exception)
 
     def _stream(self) -> None:
         requests = {}

@@ -10,17 +10,22 @@ import collections
 import contextlib
 import math
 import os
+import struct
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpc
 import numpy as np
 
 from client import AsyncClient, CbamError, RetryPolicy
 from server.launcher import scrape
 
-__all__ = ["LoadResult", "ServerCounters", "drive_load", "read_counters"]
+__all__ = ["PROTOCOLS", "LoadResult", "ServerCounters", "drive_load", "oip_model_name", "read_counters"]
+
+PROTOCOLS = ("cbam", "oip")  # cbam.v1 Classify / ClassifyBatch; the Open Inference Protocol's ModelInfer
+_MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 
 # The operating-system name of the server's forward thread (server.pipeline.INFERENCE_THREAD; not
 # imported, so that measuring a server does not load it).
@@ -121,6 +126,7 @@ class LoadResult:
         p50 = p95 = p99 = per_request = None
         if self.latencies:
             p50, p95, p99 = (float(p) for p in np.percentile(np.asarray(self.latencies) * 1000, [50, 95, 99]))
+        if self.batch_sizes:  # ModelInfer answers carry no timings: only /metrics knows its batches
             per_request = float(np.mean(self.batch_sizes))
         figures = self._server_figures()
         from_metrics = figures.get("mean_batch_size") is not None
@@ -166,7 +172,7 @@ class LoadResult:
         return figures
 
 
-async def _spread_over_workers(clients: list[AsyncClient], connect, attempts: int = 64) -> list[AsyncClient]:
+async def _spread_over_workers(clients: list, connect, attempts: int = 64) -> list:
     """Reconnect the connections that landed on a worker holding more than its share, until the workers
     hold them evenly (or ``attempts`` run out). The kernel gives each new connection to a worker by a
     hash, so 8 connections to 2 workers split 6:2 or worse 29% of the time, and the benchmark would
@@ -197,11 +203,15 @@ async def drive_load(
     metrics_url: str | None = None,
     images_per_call: int = 1,
     server_pids: Sequence[int] = (),
+    protocol: str = "cbam",
+    model_name: str = "",
 ) -> LoadResult:
-    """`concurrency` tasks, each sending `image` (a uint8 H x W x 3 array, or PNG bytes) by Classify back
-    to back over `channels` channels, through a warm-up and then a measuring window; with
-    `images_per_call` above 1, that many copies per ClassifyBatch call instead. Retries are off: an
-    error counts (a failed image in a batch call counts as its call's error).
+    """`concurrency` tasks, each sending `image` (a uint8 H x W x 3 array, or PNG bytes) back to back over
+    `channels` channels, through a warm-up and then a measuring window. With protocol "cbam": one
+    Classify per call or, with `images_per_call` above 1, that many copies per ClassifyBatch call; with
+    "oip": one ModelInfer of `model_name` per call, its `images_per_call` copies as one tensor (UINT8
+    [N, H, W, 3], or BYTES [N, 1] for PNG), asking for the top class. Retries are off: an error counts
+    (a failed image in a batch call counts as its call's error).
 
     The warm-up lasts `warmup_seconds`, and until every task has had its first answer. The window lasts
     `seconds`, and longer if no call has yet started and finished inside it (at most `timeout` longer),
@@ -210,35 +220,39 @@ async def drive_load(
     start in it; the server's counters (/metrics, and the CPU time of ``server_pids``) are read at the
     window's two edges.
     """
-    def connect() -> AsyncClient:
-        # A local subchannel pool gives each channel its own connection, instead of gRPC sharing one.
-        options = [("grpc.use_local_subchannel_pool", 1)]
-        return AsyncClient(target, timeout=timeout, retry=RetryPolicy.none(), options=options)
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol should be one of {PROTOCOLS}, got {protocol!r}")
+    if protocol == "oip":
+        payload = _model_infer_request(model_name, image, images_per_call)
 
-    clients = [connect() for _ in range(max(1, min(channels, concurrency)))]
-    clients = await _spread_over_workers(clients, connect)
+        def connect() -> _OipConnection:
+            return _OipConnection(target, payload, timeout)
+
+    else:
+
+        def connect() -> _CbamConnection:  # type: ignore[misc]
+            return _CbamConnection(target, image, images_per_call, timeout)
+
+    connections = [connect() for _ in range(max(1, min(channels, concurrency)))]
+    connections = await _spread_over_workers(connections, connect)
     result = LoadResult(concurrency, seconds, images_per_call)
-    batch = [image] * images_per_call
     loop = asyncio.get_running_loop()
     start = end = math.inf  # the window, once the timekeeper opens and closes it
     first_answers = 0
     warm, measured = asyncio.Event(), asyncio.Event()
 
-    async def caller(client: AsyncClient) -> None:
+    async def caller(send: Callable[[], Awaitable[list[int]]]) -> None:
         nonlocal first_answers
         answered = False
         while (t0 := time.perf_counter()) < end:
             try:
-                if images_per_call == 1:
-                    predictions = [await client.classify(image, top_k=1)]
-                else:
-                    predictions = await client.classify_batch(batch, top_k=1)
-            except CbamError as exc:
+                batch_sizes = await send()
+            except (CbamError, grpc.aio.AioRpcError) as exc:
                 if start <= t0:
-                    result.errors[exc.code.name] += 1
+                    code = exc.code if isinstance(exc, CbamError) else exc.code()
+                    result.errors[code.name] += 1
             else:
-                sizes = [p.timings.batch_size for p in predictions]
-                result.record(t0, time.perf_counter(), sizes, start, end)
+                result.record(t0, time.perf_counter(), batch_sizes, start, end)
                 if result.latencies:
                     measured.set()
             if not answered:
@@ -264,11 +278,91 @@ async def drive_load(
 
     edges = asyncio.ensure_future(timekeeper())
     try:
-        await asyncio.gather(*(caller(clients[i % len(clients)]) for i in range(concurrency)))
+        await asyncio.gather(*(caller(connections[i % len(connections)].send) for i in range(concurrency)))
         result.before, result.after = await edges
     finally:
         edges.cancel()
-        for client in clients:
-            await client.close()
+        for connection in connections:
+            await connection.close()
     result.seconds = end - start
     return result
+
+
+# A local subchannel pool gives each channel its own connection, instead of gRPC sharing one.
+_OWN_CONNECTION = ("grpc.use_local_subchannel_pool", 1)
+
+
+class _CbamConnection:
+    """One client.AsyncClient connection sending Classify (or ClassifyBatch); ``send()`` returns the
+    batch size each image ran in."""
+
+    def __init__(self, target: str, image, images_per_call: int, timeout: float) -> None:
+        self.client = AsyncClient(
+            target, timeout=timeout, retry=RetryPolicy.none(), options=[_OWN_CONNECTION]
+        )
+        self._image, self._batch = image, [image] * images_per_call
+
+    async def send(self) -> list[int]:
+        if len(self._batch) == 1:
+            predictions = [await self.client.classify(self._image, top_k=1)]
+        else:
+            predictions = await self.client.classify_batch(self._batch, top_k=1)
+        return [p.timings.batch_size for p in predictions]
+
+    async def model_info(self):
+        return await self.client.model_info()
+
+    async def close(self) -> None:
+        await self.client.close()
+
+
+class _OipConnection:
+    """One connection sending ModelInfer: the request serialised once and sent as bytes, the answer
+    left unparsed (an error is its status), so the generator's work per call is gRPC's alone. Its
+    ``model_info()`` (cbam.v1's, over the same connection) says which worker it reached."""
+
+    def __init__(self, target: str, payload: bytes, timeout: float) -> None:
+        from cbam.v1 import inference_pb2_grpc  # the channel is ours, so the stub is too
+
+        self.channel = grpc.aio.insecure_channel(target, options=[_OWN_CONNECTION])
+        self._model_info = inference_pb2_grpc.InferenceServiceStub(self.channel).GetModelInfo
+        self._call = self.channel.unary_unary(_MODEL_INFER)  # bytes in, bytes out
+        self._payload, self._timeout = payload, timeout
+
+    async def send(self) -> list[int]:
+        await self._call(self._payload, timeout=self._timeout)
+        return []  # no timings in the answer: the mean batch size comes from /metrics
+
+    async def model_info(self):
+        from cbam.v1 import inference_pb2
+
+        return await self._model_info(inference_pb2.GetModelInfoRequest(), timeout=self._timeout)
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
+def _model_infer_request(model_name: str, image: np.ndarray | bytes, count: int) -> bytes:
+    from cbam.oip import grpc_service_pb2 as pb  # not imported by the cbam.v1 benchmark
+
+    request = pb.ModelInferRequest(model_name=model_name)
+    if isinstance(image, bytes):
+        request.inputs.add(name="encoded_images", datatype="BYTES", shape=[count, 1])
+        request.raw_input_contents.append((struct.pack("<I", len(image)) + image) * count)
+    else:
+        batch = np.ascontiguousarray(np.broadcast_to(image, (count, *image.shape)))
+        request.inputs.add(name="images", datatype="UINT8", shape=list(batch.shape))
+        request.raw_input_contents.append(batch.tobytes())
+    request.outputs.add(name="probabilities").parameters["classification"].int64_param = 1
+    return request.SerializeToString()
+
+
+def oip_model_name(target: str, timeout: float = 30.0) -> str:
+    """The name of the model a server serves over the Open Inference Protocol (its repository index)."""
+    from cbam.oip import grpc_service_pb2 as pb
+    from cbam.oip import grpc_service_pb2_grpc
+
+    with grpc.insecure_channel(target) as channel:
+        stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        index = stub.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=timeout, wait_for_ready=True)
+    return index.models[0].name

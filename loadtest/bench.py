@@ -1,6 +1,7 @@
 """cbam-bench: served throughput and latency of cbam-serve against the in-process ceiling, on this machine.
 
     cbam-bench [--quick] [--json OUT] [--plot OUT.png] [--target HOST:PORT] [--arch NAME --input-size N]
+    cbam-bench --protocol oip --images-per-call 32 [...]   the Open Inference Protocol's ModelInfer instead
     cbam-bench --cbam-cost [--backend B] [--cost-batch-sizes 1,8,32] [--json OUT]
     cbam-bench --tracing-cost [--baseline-checkout DIR] [--concurrency C] [--tracing-rounds N] [--json OUT]
     cbam-bench --peers [--setup] [--quick] [--peer-venvs DIR] [--json OUT]
@@ -11,6 +12,8 @@
    (`python -m server --port 0 --metrics-port 0 --batching.max_batch_size N`), or the --target one.
 3. For each concurrency (1, 4, 16, 32, 64): that many asyncio tasks sending Classify back to back
    over one channel (uint8 tensors at the model's input size by default), warm-up, then a timed window.
+   With --protocol oip, each call is one ModelInfer holding --images-per-call images as one UINT8
+   tensor (serialised once; the answer's top class only).
 
 Reported per setting and concurrency: throughput (images/s), p50/p95/p99 latency (ms), mean batch size
 (from the server's cbam_batch_size histogram), errors, and efficiency = throughput / ceiling throughput at
@@ -59,7 +62,7 @@ from ._report import (
     results_table,
     verdict,
 )
-from ._served import drive_load
+from ._served import PROTOCOLS, drive_load, oip_model_name
 
 __all__ = ["main"]
 
@@ -185,7 +188,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # The targets are judged on the first workers setting's first round; the others are compared to it.
     judged = [row for row in rows if row["round"] == 1 and row["workers"] == rows[0]["workers"]]
-    call = "Classify" if args.images_per_call == 1 else f"ClassifyBatch of {args.images_per_call} images"
+    if args.protocol == "oip":
+        tensor = "BYTES [N, 1] of PNG" if args.payload == "png" else "UINT8 [N, H, W, 3]"
+        generator = (f"grpc.aio, ModelInfer of {args.images_per_call} images as one {tensor} tensor "
+                     "(serialised once), classification=1")  # fmt: skip
+    else:
+        call = "Classify" if args.images_per_call == 1 else f"ClassifyBatch of {args.images_per_call} images"
+        generator = f"client.AsyncClient, {call}, top_k=1"
     report = {
         "machine": machine,
         "model": {
@@ -199,8 +208,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "payload": f"uint8 tensor {input_size[0]}x{input_size[1]}x3 (random pixels)"
             if args.payload == "tensor"
             else f"PNG of random pixels, {input_size[0]}x{input_size[1]}",
-            "generator": f"client.AsyncClient, {call}, top_k=1, no retries, tasks back to back, in the "
-            "benchmark's own process",
+            "generator": f"{generator}, no retries, tasks back to back, in the benchmark's own process",
+            "protocol": args.protocol,
             "images_per_call": args.images_per_call,
             "channels": args.channels or "1 to a single process, else 8 per worker (at most 1 per caller)",
             "duration_seconds": duration,
@@ -210,7 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "units": UNITS,
         "ceiling": ceiling.as_dict(),
         "results": rows,
-        "targets": evaluate_targets(judged, ceiling),
+        "targets": evaluate_targets(judged, ceiling, protocol=args.protocol),
         "workers_comparison": compare_workers(rows),
     }
     report["machine"]["load_average_1m_at_end"] = os.getloadavg()[0]
@@ -243,6 +252,7 @@ def _served_rows(
     else:
         target, metrics_url = server.address, server.metrics_url
     info = _check_served(target, args.arch, input_size)
+    model_name = oip_model_name(target) if args.protocol == "oip" else ""
     workers = max(1, len(info.workers))
     if server is not None:  # a --target's CPU counters are not read: its pids may be another machine's
         pids = list(dict.fromkeys([server.pid, *(w.pid for w in info.workers if w.pid)]))
@@ -262,6 +272,8 @@ def _served_rows(
             metrics_url=metrics_url,
             images_per_call=args.images_per_call,
             server_pids=pids,
+            protocol=args.protocol,
+            model_name=model_name,
         )
         rows.append({
             "setting": label,
@@ -429,8 +441,15 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         metavar="N",
-        help="send N images per ClassifyBatch call instead of one per Classify call (default 1); "
-        "throughput still counts images, latencies are per call",
+        help="send N images per ClassifyBatch call instead of one per Classify call, or per ModelInfer "
+        "with --protocol oip (default 1); throughput still counts images, latencies are per call",
+    )
+    parser.add_argument(
+        "--protocol",
+        choices=PROTOCOLS,
+        default="cbam",
+        help="cbam: cbam.v1 Classify (ClassifyBatch with --images-per-call); oip: the Open Inference "
+        "Protocol's ModelInfer, --images-per-call images as one tensor per call (default cbam)",
     )
     parser.add_argument(
         "--payload",

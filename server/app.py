@@ -16,7 +16,7 @@ import logging
 import os
 import signal
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 
 import grpc
@@ -25,6 +25,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
+from cbam.oip import grpc_service_pb2 as oip_pb
+from cbam.oip import grpc_service_pb2_grpc
 from cbam.v1 import inference_pb2 as pb
 from cbam.v1 import inference_pb2_grpc
 from server.calls import CallTracker
@@ -35,6 +37,7 @@ from server.interceptors import TelemetryInterceptor
 from server.logs import include_trace_ids
 from server.metrics import MetricsEndpoint, ServerMetrics
 from server.pipeline import InferencePipeline
+from server.protocols import oip
 from server.runner import ModelDescription, ModelRunner
 from server.service import InferenceServicer, ParseRequests
 from server.tracing import Tracing
@@ -60,8 +63,10 @@ class InferenceServer:
         port: int,
         model_info: pb.ModelInfo,
         tracing: Tracing = Tracing.OFF,
+        services: tuple[str, ...] = (SERVICE_NAME,),
     ) -> None:
         self.settings = settings
+        self.services = services  # the inference services served, each with its health status
         self.grpc_server = grpc_server
         self.pipeline = pipeline
         self.calls = calls
@@ -77,7 +82,7 @@ class InferenceServer:
     async def start(self, *, serving: bool = True) -> None:
         """Accept calls, warm up (health NOT_SERVING meanwhile), then report SERVING; with ``serving``
         False, stay NOT_SERVING until ``set_serving(True)`` (a worker waits for the others)."""
-        for name in ("", SERVICE_NAME):
+        for name in ("", *self.services):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         if self.settings.metrics.enabled:
             m = self.settings.metrics
@@ -109,7 +114,7 @@ class InferenceServer:
         """Health SERVING or NOT_SERVING for every service; ignored once draining."""
         statuses = health_pb2.HealthCheckResponse
         status = statuses.SERVING if serving else statuses.NOT_SERVING
-        for name in ("", SERVICE_NAME):
+        for name in ("", *self.services):
             await self.health.set(name, status)
 
     async def stop(
@@ -204,7 +209,7 @@ def build_server(
             ("grpc.so_reuseport", 1 if share_port else 0),
         ],
         maximum_concurrent_rpcs=limits.max_concurrent_rpcs,
-        interceptors=[telemetry, *_interceptors(settings, metrics)],
+        interceptors=[telemetry, *_interceptors(settings, metrics, _inference_services(settings))],
     )
     calls = CallTracker(metrics, tracing, {"cbam.model.arch": d.arch, "cbam.model.version": d.version})
     model_info = _model_info(d, settings)
@@ -214,9 +219,16 @@ def build_server(
     inference_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    services: tuple[str, ...] = (SERVICE_NAME,)
+    if settings.oip.enabled:
+        serving = _serving(health, oip.SERVICE_NAME)
+        oip_servicer = oip.OipServicer(pipeline, calls, metrics, settings, serving)
+        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(oip_servicer, server)
+        services += (oip.SERVICE_NAME,)
+        telemetry.expect(oip_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"])
     if settings.reflection:
         names = (
-            SERVICE_NAME,
+            *services,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         )
@@ -228,7 +240,9 @@ def build_server(
     port = _add_port(server, address, settings)
     if (warning := plaintext_warning(settings)) is not None:
         _log.warning(warning, extra={"fields": {"host": settings.host, "port": port}})
-    built = InferenceServer(settings, server, pipeline, calls, health, metrics, port, model_info, tracing)
+    built = InferenceServer(
+        settings, server, pipeline, calls, health, metrics, port, model_info, tracing, services
+    )
     return built, port
 
 
@@ -322,9 +336,27 @@ def plaintext_warning(settings: Settings) -> str | None:
     )
 
 
-def _interceptors(settings: Settings, metrics: ServerMetrics) -> list[grpc.aio.ServerInterceptor]:
+def _inference_services(settings: Settings) -> tuple[str, ...]:
+    """The services behind authentication and request parsing (health and reflection stay open)."""
+    return (SERVICE_NAME, oip.SERVICE_NAME) if settings.oip.enabled else (SERVICE_NAME,)
+
+
+def _serving(health: HealthServicer, service: str) -> Callable[[], Awaitable[bool]]:
+    """Whether ``service`` is SERVING, as the health service answers it (ServerReady's answer)."""
+    request = health_pb2.HealthCheckRequest(service=service)
+
+    async def serving() -> bool:
+        answer = await health.Check(request, None)  # ``service`` is always known: start() sets it
+        return answer.status == health_pb2.HealthCheckResponse.SERVING
+
+    return serving
+
+
+def _interceptors(
+    settings: Settings, metrics: ServerMetrics, services: tuple[str, ...]
+) -> list[grpc.aio.ServerInterceptor]:
     # The first runs first: a caller without a token is refused before its message is parsed.
-    parse = ParseRequests(SERVICE_NAME)
+    parse = ParseRequests(services)
     tokens = [token.get_secret_value() for token in settings.auth.tokens]
     if not tokens:
         return [parse]
@@ -333,4 +365,4 @@ def _interceptors(settings: Settings, metrics: ServerMetrics) -> list[grpc.aio.S
     def count_refusal(method: str) -> None:  # refused before the servicer, which counts the rest
         metrics.requests.labels(method, "UNAUTHENTICATED").inc()
 
-    return [BearerTokenInterceptor(tokens, SERVICE_NAME, count_refusal), parse]
+    return [BearerTokenInterceptor(tokens, services, count_refusal), parse]

@@ -85,34 +85,43 @@ class BatchAssembler:
     def assemble(self, images: Sequence[torch.Tensor], size: int | None = None) -> torch.Tensor:
         """The normalised batch on the device, B x 3 x H x W (``size`` rows: the images, then padding).
 
-        Each image is uint8 pixels (H x W x 3) or an already normalised float32 3 x H x W tensor. The
-        batch is the assembler's own buffer: it is valid until the next call.
+        Each element is one image, uint8 pixels (H x W x 3) or an already normalised float32
+        3 x H x W tensor, or a chunk of several (N x H x W x 3, N x 3 x H x W), which takes N rows with
+        one copy. The batch is the assembler's own buffer: it is valid until the next call.
         """
-        n = len(images)
+        counts = [1 if t.dim() == 3 else t.shape[0] for t in images]
+        n = sum(counts)
         size = n if size is None else size
         if size > self._batch.shape[0]:  # beyond the rows it was made for (a direct call with a large batch)
             self._batch = torch.zeros(size, *self._batch.shape[1:], device=self.device, dtype=self.dtype)
             self._pixels = self._host_pixels(size)
         batch = self._batch[:size]
         if n > 1 and all(t.dtype == torch.uint8 for t in images):
-            # The common case, whole: one stack into the uint8 buffer and one multiply-add for the
+            # The common case, whole: one copy into the uint8 buffer and one multiply-add for the
             # batch (per-image calls cost a few microseconds each, as much as a small image's copy).
-            torch.stack(list(images), out=self._pixels[:n])
+            if all(t.dim() == 3 for t in images):  # images only
+                torch.stack(list(images), out=self._pixels[:n])
+            else:  # chunks among them: each one slice of the copy
+                torch.cat([t if t.dim() == 4 else t[None] for t in images], out=self._pixels[:n])
             pixels = self._pixels[:n].to(self.device, non_blocking=True)  # the same tensor on the CPU
             torch.addcmul(self._shift, pixels, self._scale, out=batch[:n])
         else:
             staged_rows = []
-            for row, t in enumerate(images):
-                if t.dtype != torch.uint8:  # already normalised, 3 x H x W
-                    batch[row].copy_(t.permute(1, 2, 0))
+            row = 0
+            for t, count in zip(images, counts, strict=True):
+                rows = slice(row, row + count)
+                chunk = t if t.dim() == 4 else t[None]
+                if t.dtype != torch.uint8:  # already normalised, N x 3 x H x W
+                    batch[rows].copy_(chunk.permute(0, 2, 3, 1))
                 elif self._staged:
-                    self._pixels[row].copy_(t)
-                    staged_rows.append(row)
+                    self._pixels[rows].copy_(chunk)
+                    staged_rows.append(rows)
                 else:
-                    torch.addcmul(self._shift, t, self._scale, out=batch[row])
+                    torch.addcmul(self._shift, chunk, self._scale, out=batch[rows])
+                row += count
             if staged_rows:  # one non-blocking copy of uint8, normalised on the device
                 pixels = self._pixels[:n].to(self.device, non_blocking=True)
-                for row in staged_rows:
-                    torch.addcmul(self._shift, pixels[row], self._scale, out=batch[row])
+                for rows in staged_rows:
+                    torch.addcmul(self._shift, pixels[rows], self._scale, out=batch[rows])
         x = batch.permute(0, 3, 1, 2)  # channels-last memory, B x 3 x H x W
         return x if self._channels_last else x.contiguous()

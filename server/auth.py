@@ -1,5 +1,5 @@
-"""Bearer-token authentication for cbam.v1.InferenceService (health and reflection stay open, so
-load balancers and grpcurl work without a token)."""
+"""Bearer-token authentication for the inference services (cbam.v1 and the Open Inference Protocol);
+health and reflection stay open, so load balancers and grpcurl work without a token."""
 
 from __future__ import annotations
 
@@ -22,14 +22,17 @@ def _digest(token: str) -> bytes:
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
-    """Answers UNAUTHENTICATED to calls of ``service`` without "authorization: Bearer <token>"."""
+    """Answers UNAUTHENTICATED to calls of ``services`` without "authorization: Bearer <token>"."""
 
     def __init__(
-        self, tokens: Iterable[str], service: str, on_refusal: Callable[[str], None] | None = None
+        self,
+        tokens: Iterable[str],
+        services: Iterable[str],
+        on_refusal: Callable[[str], None] | None = None,
     ) -> None:
         """``on_refusal(method)`` is called for each refused call, with the bare method name."""
         self._digests = [_digest(token) for token in tokens]
-        self._prefix = f"/{service}/"
+        self._prefixes = tuple(f"/{service}/" for service in services)
         self._on_refusal = on_refusal
 
     async def intercept_service(
@@ -38,9 +41,9 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
-        if handler is None or not details.method.startswith(self._prefix) or self._authorized(details):
+        if handler is None or not details.method.startswith(self._prefixes) or self._authorized(details):
             return handler
-        method = details.method.removeprefix(self._prefix)
+        method = details.method.rpartition("/")[2]
         return _refusal(handler, lambda: self._on_refusal and self._on_refusal(method))
 
     def _authorized(self, details: grpc.HandlerCallDetails) -> bool:

@@ -32,7 +32,17 @@ from typing import NamedTuple, TypeVar
 
 import grpc
 
-from server.errors import Expired, InvalidInput, OutOfMemory, Overloaded, ShuttingDown, TooLarge
+from server.errors import (
+    Expired,
+    InvalidInput,
+    NotFound,
+    NotReady,
+    OutOfMemory,
+    Overloaded,
+    ShuttingDown,
+    TooLarge,
+    Unsupported,
+)
 from server.interceptors import cancelled_status
 from server.logs import bind_request, unbind_request
 from server.metrics import ServerMetrics
@@ -54,6 +64,9 @@ _STATUS: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (OutOfMemory, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (Expired, grpc.StatusCode.DEADLINE_EXCEEDED),
     (ShuttingDown, grpc.StatusCode.UNAVAILABLE),
+    (NotReady, grpc.StatusCode.UNAVAILABLE),
+    (NotFound, grpc.StatusCode.NOT_FOUND),
+    (Unsupported, grpc.StatusCode.UNIMPLEMENTED),
 )
 
 
@@ -198,24 +211,32 @@ class CallTracker:
         images: int = 1,
         *,
         item: bool = False,
+        probe: bool = False,
     ) -> Response | Failure:
         """Run ``handle`` as one call of ``method`` carrying ``images`` images (or as one ``item``
-        of a stream): its response, or the Failure it ended with."""
+        of a stream): its response, or the Failure it ended with. A ``probe`` (is the server live,
+        ready?) is answered while draining too, as the health service is: its answer is what tells a
+        client to go elsewhere."""
         call = Call(method, context, images)
         if not self._tracing.enabled:
-            return await self._answer(call, context, handle)
+            return await self._answer(call, context, handle, probe)
         call.item = item
         call.span = self._tracing.start_item_span(method) if item else self._tracing.current_span()
         with self._tracing.current(call.span):
-            return await self._answer(call, context, handle)
+            return await self._answer(call, context, handle, probe)
 
     async def _answer(
-        self, call: Call, context: grpc.aio.ServicerContext, handle: Callable[[Call], Awaitable[Response]]
+        self,
+        call: Call,
+        context: grpc.aio.ServicerContext,
+        handle: Callable[[Call], Awaitable[Response]],
+        probe: bool,
     ) -> Response | Failure:
-        self._last_arrival = call.started
+        if not probe:  # a prober's polling would keep a drain from ever seeing callers go quiet
+            self._last_arrival = call.started
         code, message = grpc.StatusCode.OK, ""
         self._metrics.inflight.inc()
-        taken = not self._draining
+        taken = probe or not self._draining
         self._active += taken
         bound = bind_request(call)
         try:
@@ -243,9 +264,11 @@ class CallTracker:
         context: grpc.aio.ServicerContext,
         handle: Callable[[Call], Awaitable[Response]],
         images: int = 1,
+        *,
+        probe: bool = False,
     ) -> Response:
         """``answer``, for a unary RPC: a Failure aborts the call with its status."""
-        outcome = await self.answer(method, context, handle, images)
+        outcome = await self.answer(method, context, handle, images, probe=probe)
         if isinstance(outcome, Failure):
             await context.abort(outcome.code, outcome.message)
         return outcome  # type: ignore[return-value]  # abort() raised otherwise

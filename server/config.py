@@ -40,6 +40,7 @@ __all__ = [
     "Log",
     "Metrics",
     "ModelSettings",
+    "Oip",
     "Settings",
     "Tls",
     "Tracing",
@@ -150,13 +151,30 @@ class Limits(_Group):
         64, ge=1, description="Most items of one ClassifyStream call being handled at once."
     )
     max_batch_items: int = Field(
-        256, ge=1, description="Most images in one ClassifyBatch call (INVALID_ARGUMENT above)."
+        256,
+        ge=1,
+        description="Most images in one ClassifyBatch call or one ModelInfer request (INVALID_ARGUMENT "
+        "above).",
     )
     max_concurrent_streams: int = Field(
         256, ge=1, description="Most concurrent HTTP/2 streams (calls) on one connection."
     )
     max_concurrent_rpcs: int = Field(
         4096, ge=1, description="Most calls the server handles at once; beyond it RESOURCE_EXHAUSTED."
+    )
+
+
+class Oip(_Group):
+    """The Open Inference Protocol (KServe v2 / Triton gRPC), served beside cbam.v1 on the same port."""
+
+    enabled: bool = Field(
+        True, description="Serve inference.GRPCInferenceService (tritonclient, KServe grpc-v2) on the port."
+    )
+    model_name: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$",
+        description="The model's name in that protocol; unset means the architecture's (e.g. "
+        "cbam_resnet8_cifar). Its version is the checkpoint's.",
     )
 
 
@@ -202,7 +220,7 @@ class Tls(_Group):
 
 
 class Auth(_Group):
-    """Bearer-token authentication of InferenceService calls (health and reflection stay open)."""
+    """Bearer-token authentication of inference calls, both protocols (health and reflection stay open)."""
 
     # NoDecode: the environment may give a comma list ("a,b") as well as a JSON list.
     tokens: Annotated[list[SecretStr], NoDecode] = Field(
@@ -386,6 +404,7 @@ class Settings(BaseSettings):
     limits: Limits = Limits()
     tls: Tls = Tls()
     auth: Auth = Auth()
+    oip: Oip = Oip()
     metrics: Metrics = Metrics()
     log: Log = Log()
     tracing: Tracing = Field(default_factory=Tracing)  # a factory: its default reads the environment

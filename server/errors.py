@@ -1,4 +1,4 @@
-"""The few ways a request can fail short of a bug. ``service.py`` alone turns them into gRPC statuses.
+"""The few ways a request can fail short of a bug. ``calls.py`` alone turns them into gRPC statuses.
 
     CbamError
      ├── InvalidInput      the request itself is wrong            INVALID_ARGUMENT
@@ -6,7 +6,10 @@
      ├── Overloaded        the queue is full                      RESOURCE_EXHAUSTED
      ├── OutOfMemory       one image alone does not fit on the device RESOURCE_EXHAUSTED
      ├── Expired           its deadline passed before compute     DEADLINE_EXCEEDED
-     └── ShuttingDown      the server is draining                 UNAVAILABLE
+     ├── ShuttingDown      the server is draining                 UNAVAILABLE
+     ├── NotReady          the model is still warming up          UNAVAILABLE
+     ├── NotFound          it names a model or version not served NOT_FOUND
+     └── Unsupported       it asks for something not implemented  UNIMPLEMENTED
 
 ``StartupError`` is apart: a setting that looked valid but cannot be served (float16 on a CPU,
 an unknown architecture). It names the field, and ``cbam-serve`` exits with status 2.
@@ -18,11 +21,14 @@ __all__ = [
     "CbamError",
     "Expired",
     "InvalidInput",
+    "NotFound",
+    "NotReady",
     "OutOfMemory",
     "Overloaded",
     "ShuttingDown",
     "StartupError",
     "TooLarge",
+    "Unsupported",
 ]
 
 
@@ -52,6 +58,18 @@ class Expired(CbamError):
 
 class ShuttingDown(CbamError):
     """The server is draining and takes no new work."""
+
+
+class NotReady(CbamError):
+    """The model is not ready yet (it is warming up); the caller may retry shortly."""
+
+
+class NotFound(CbamError):
+    """The request names a model or version this server does not serve."""
+
+
+class Unsupported(CbamError):
+    """The request asks for a feature this server does not implement; the message says which."""
 
 
 class StartupError(Exception):

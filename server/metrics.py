@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import logging
 import urllib.request
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 from wsgiref.simple_server import WSGIServer
 
@@ -35,6 +36,7 @@ __all__ = [
     "MetricsEndpoint",
     "ServerMetrics",
     "SupervisorMetrics",
+    "Totals",
     "WorkerExpositions",
 ]
 
@@ -50,6 +52,17 @@ STAGES = ("preprocess", "queue", "inference", "postprocess")
 DROP_REASONS = ("deadline", "cancelled", "overloaded")
 _GRPC_LABELS = ["grpc_type", "grpc_service", "grpc_method"]
 
+
+
+@dataclass(frozen=True)
+class Totals:
+    """Cumulative counts and seconds since the server started, as its histograms hold them."""
+
+    succeeded: tuple[int, float]  # calls that ended OK: (count, seconds from arrival to answer)
+    failed: tuple[int, float]  # calls that ended with any other status
+    stages: dict[str, tuple[int, float]]  # stage -> (observations, seconds)
+    images: int  # images computed in forward passes
+    batches: int  # forward passes
 
 
 class ServerMetrics:
@@ -113,6 +126,27 @@ class ServerMetrics:
             {"arch": arch, "version": version, "device": device, "dtype": dtype, "backend": backend}
         )
 
+    def totals(self, methods: Collection[str]) -> Totals:
+        """The histograms' cumulative counts and sums, the calls of ``methods`` only (ModelStatistics
+        reports these: the same clock as the dashboards, read when asked, nothing counted twice)."""
+        calls = {True: [0, 0.0], False: [0, 0.0]}  # OK or not -> [count, seconds]
+        for sample in _samples(self.request_seconds):
+            if sample.labels.get("method") in methods:
+                _add(calls[sample.labels["code"] == "OK"], sample)
+        stages: dict[str, list] = {stage: [0, 0.0] for stage in STAGES}
+        for sample in _samples(self.stage_seconds):
+            _add(stages.setdefault(sample.labels["stage"], [0, 0.0]), sample)
+        batches = [0, 0.0]
+        for sample in _samples(self.batch_size):
+            _add(batches, sample)
+        return Totals(
+            succeeded=(calls[True][0], calls[True][1]),
+            failed=(calls[False][0], calls[False][1]),
+            stages={stage: (count, seconds) for stage, (count, seconds) in stages.items()},
+            images=round(batches[1]),
+            batches=batches[0],
+        )
+
     def watch_cuda_memory(
         self, device: str, allocated: Callable[[], float], reserved: Callable[[], float]
     ) -> None:
@@ -170,6 +204,22 @@ class GpuCollector(Collector):
             used.add_metric([reading.device], reading.memory_used_bytes)
             total.add_metric([reading.device], reading.memory_total_bytes)
         return [utilization, used, total]
+
+
+def _samples(histogram: Histogram):
+    """A histogram's _count and _sum samples (its buckets left out)."""
+    for family in histogram.collect():
+        for sample in family.samples:
+            if sample.name.endswith(("_count", "_sum")):
+                yield sample
+
+
+def _add(total: list, sample) -> None:
+    """Add a _count sample to total[0], a _sum sample to total[1]."""
+    if sample.name.endswith("_count"):
+        total[0] += int(sample.value)
+    else:
+        total[1] += sample.value
 
 
 class MetricsEndpoint:

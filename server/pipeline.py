@@ -11,8 +11,11 @@
     classify_many(queries) does the same for the images of one ClassifyBatch call: checks and
     preprocessing per image (a bad one fails alone), queued together, answered in order.
 
-Plain Python types in and out; gRPC is service.py's business. With tracing on, each stage's timing
-also becomes a span (or event) of the current request (server/tracing.py).
+    classify_tensor(query) takes a whole batch as one tensor (the Open Inference Protocol's way) and
+    answers it as tensors: probabilities, top-k, maps, N rows each. One bad image fails the query.
+
+Plain Python types in and out; gRPC is the protocol modules' business. With tracing on, each stage's
+timing also becomes a span (or event) of the current request (server/tracing.py).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -35,7 +39,16 @@ from server.preprocess import ImageSpec, RawTensor, is_ready_pixels, load_pixels
 from server.runner import BatchItem, ItemOutput, ModelDescription, ModelRunner, warm_up_sizes
 from server.tracing import Tracing
 
-__all__ = ["DEFAULT_TOP_K", "INFERENCE_THREAD", "InferencePipeline", "Prediction", "Query", "Timings"]
+__all__ = [
+    "DEFAULT_TOP_K",
+    "INFERENCE_THREAD",
+    "InferencePipeline",
+    "Prediction",
+    "Query",
+    "TensorPrediction",
+    "TensorQuery",
+    "Timings",
+]
 
 DEFAULT_TOP_K = 5
 # The operating-system name of the thread that runs the forward passes. Threads it starts inherit it
@@ -76,6 +89,67 @@ class Prediction:
     timings: Timings
 
 
+@dataclass(frozen=True)
+class TensorQuery:
+    """Several images classified as one request, answered as tensors.
+
+    ``images``: uint8 N x H x W x 3 pixels at the model's input size, float32 N x 3 x H x W already
+    normalised, or N encoded image files. ``top_k`` 0 asks for no top-k; ``blocks`` names the blocks
+    whose maps are wanted (None: no maps).
+    """
+
+    request_id: str
+    images: torch.Tensor | Sequence[bytes]
+    probabilities: bool = True
+    top_k: int = 0
+    blocks: frozenset[str] | None = None
+
+
+@dataclass(frozen=True)
+class TensorPrediction:
+    """What a TensorQuery asked for, one row per image, float32 on the CPU.
+
+    ``top_k`` is (probabilities, class indices), N x k each, most probable first; ``maps`` holds
+    block -> kind ("channel", "spatial") -> N x C or N x H x W, for the blocks asked, in network order.
+    """
+
+    probabilities: torch.Tensor | None
+    top_k: tuple[torch.Tensor, torch.Tensor] | None
+    maps: dict[str, dict[str, torch.Tensor]]
+
+
+class _Chunk(NamedTuple):
+    """A TensorQuery's images in the batcher: one item of len(images) units, split where a batch ends.
+    It comes back as a TensorPrediction of its rows, computed in the inference thread."""
+
+    item: BatchItem  # N images: uint8 N x H x W x 3 or normalised float32 N x 3 x H x W
+    top_k: int
+    probabilities: bool
+
+    def split(self, count: int) -> tuple[_Chunk, _Chunk]:
+        head, tail = self.item.tensor[:count], self.item.tensor[count:]
+        return (self._replace(item=BatchItem(head, self.item.blocks)),
+                self._replace(item=BatchItem(tail, self.item.blocks)))  # fmt: skip
+
+
+def _units(work: _Work | _Chunk) -> int:
+    return len(work.item.tensor) if isinstance(work, _Chunk) else 1
+
+
+def _join(parts: list[TensorPrediction]) -> TensorPrediction:
+    """The predictions of a chunk's parts, in order, as one."""
+    first = parts[0]
+    top = None if first.top_k is None else tuple(torch.cat([p.top_k[i] for p in parts]) for i in (0, 1))
+    return TensorPrediction(
+        probabilities=None if first.probabilities is None else torch.cat([p.probabilities for p in parts]),
+        top_k=top,  # type: ignore[arg-type]
+        maps={
+            block: {kind: torch.cat([p.maps[block][kind] for p in parts]) for kind in kinds}
+            for block, kinds in first.maps.items()
+        },
+    )
+
+
 class InferencePipeline:
     """Classifies queries with ``runner``, batching concurrent ones. ``start()`` it on the event loop."""
 
@@ -101,12 +175,17 @@ class InferencePipeline:
         self._inference_pool = ThreadPoolExecutor(
             1, "inference", initializer=_name_os_thread, initargs=(INFERENCE_THREAD,)
         )
-        self.batcher: DynamicBatcher[_Work, _Done] = DynamicBatcher(
+        # block -> kind -> map shape without the batch dimension; known once warm_up() measured them.
+        self.attention_shapes: dict[str, dict[str, tuple[int, ...]]] | None = None
+        self.batcher: DynamicBatcher[_Work | _Chunk, _Done | TensorPrediction] = DynamicBatcher(
             self._run_batch,
             max_batch_size=settings.batching.max_batch_size,
             max_batch_delay_s=settings.batching.max_batch_delay_ms / 1000.0,
             max_queue=settings.batching.max_queue,
             metrics=metrics,
+            size=_units,
+            split=lambda chunk, count: chunk.split(count),
+            join=_join,
             tracing=tracing,
         )
 
@@ -116,7 +195,21 @@ class InferencePipeline:
     async def warm_up(self) -> None:
         """Run every batch size the batcher can form once, in the inference thread."""
         sizes = warm_up_sizes(self._max_batch_size)
-        await asyncio.get_running_loop().run_in_executor(self._inference_pool, self._runner.warm_up, sizes)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._inference_pool, self._runner.warm_up, sizes)
+        self.attention_shapes = await loop.run_in_executor(self._inference_pool, self._measure_maps)
+
+    def _measure_maps(self) -> dict[str, dict[str, tuple[int, ...]]]:
+        """Every block's map shapes (without the batch), from one forward of a blank image."""
+        if not self._blocks:
+            return {}
+        height, width = self.description.input_size
+        blank = BatchItem(torch.zeros(height, width, 3, dtype=torch.uint8), self._blocks)
+        (output,) = self._runner.run_batch([blank])
+        return {
+            block: {kind: tuple(t.shape) for kind, t in kinds.items() if t is not None}
+            for block, kinds in output.maps.items()
+        }
 
     async def close(self) -> None:
         """Finish what is queued, then release the threads."""
@@ -210,6 +303,49 @@ class InferencePipeline:
             raise
         return outcomes  # type: ignore[return-value]  # every place is filled
 
+    async def classify_tensor(self, query: TensorQuery, deadline: float | None = None) -> TensorPrediction:
+        """Classify a batch held as one tensor (or a list of files): all its images or, raising the
+        first failure, none. It is queued as one item of N images, which joins the same dynamic
+        batches as every other caller's (split where a batch is full) and comes back in order; its
+        probabilities, top-k and maps are computed for each batch at once, in the inference thread."""
+        count = len(query.images)
+        if query.top_k > len(self.description.labels):
+            raise InvalidInput(f"top_k: {query.top_k} is more than the model's "
+                               f"{len(self.description.labels)} classes")  # fmt: skip
+        blocks = query.blocks
+        if blocks is not None and not blocks <= self._blocks:
+            raise InvalidInput(f"attention blocks {sorted(blocks - self._blocks)} are not this model's; "
+                               f"its blocks are {list(self.description.attention_blocks)}")  # fmt: skip
+        self.batcher.check_room(count)
+        started = time.monotonic()
+        try:
+            with self._preprocess_stage.time():
+                if isinstance(query.images, torch.Tensor):
+                    images = query.images
+                else:
+                    images = torch.stack(await self._decode_all(query.images))
+        finally:  # timed whether the images were good or not, as the stage metric is
+            if self._tracing.enabled:
+                self._tracing.stage("preprocess", started, time.monotonic())
+        chunk = _Chunk(BatchItem(images, blocks), query.top_k, query.probabilities)
+        return (await self.batcher.submit(chunk, deadline)).value  # type: ignore[return-value]
+
+    async def _decode_all(self, files: Sequence[bytes]) -> list[torch.Tensor]:
+        """Decode and resize every file in the preprocessing threads; the first bad one is raised,
+        naming its place."""
+        loop = asyncio.get_running_loop()
+        decoded = await asyncio.gather(
+            *(loop.run_in_executor(self._preprocess_pool, load_pixels, data, self._spec) for data in files),
+            return_exceptions=True,
+        )
+        for i, outcome in enumerate(decoded):
+            if isinstance(outcome, CbamError):
+                message = str(outcome).removeprefix("image.encoded: ")
+                raise type(outcome)(f"element {i}: {message}")
+            if isinstance(outcome, BaseException):
+                raise outcome
+        return decoded  # type: ignore[return-value]  # no exception left
+
     async def _finish(self, query: Query, batched: Batched[_Done], preprocess_seconds: float) -> Prediction:
         """The prediction, with the maps the query asked for encoded (in a thread: PNG costs)."""
         started = time.monotonic()
@@ -247,17 +383,38 @@ class InferencePipeline:
             ),
         )
 
-    async def _run_batch(self, work: list[_Work]) -> list[_Done]:
+    async def _run_batch(self, work: list[_Work | _Chunk]) -> list[_Done | TensorPrediction]:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._inference_pool, self._predict, work)
 
-    def _predict(self, work: list[_Work]) -> list[_Done]:
-        """In the inference thread: the forward, then every row's labels in one go (not per request
-        on the event loop, where two small torch calls per request cost as much as the rest)."""
-        outputs = self._runner.run_batch([item for item, _ in work])
-        logits = torch.stack([output.logits for output in outputs])
-        labels = top_k_rows(logits, self.description.labels, [k for _, k in work])
-        return list(zip(labels, outputs, strict=True))
+    def _predict(self, work: list[_Work | _Chunk]) -> list[_Done | TensorPrediction]:
+        """In the inference thread: the forward, then every image's labels in one go (not per request
+        on the event loop, where two small torch calls per request cost as much as the rest), and
+        each chunk's rows."""
+        outputs = self._runner.run_batch([w.item if isinstance(w, _Chunk) else w[0] for w in work])
+        singles = [i for i, w in enumerate(work) if not isinstance(w, _Chunk)]
+        labels = iter(())
+        if singles:
+            logits = torch.stack([outputs[i].logits for i in singles])
+            labels = iter(top_k_rows(logits, self.description.labels, [work[i][1] for i in singles]))
+        done: list[_Done | TensorPrediction] = []
+        for w, output in zip(work, outputs, strict=True):
+            done.append(self._rows(w, output) if isinstance(w, _Chunk) else (next(labels), output))
+        return done
+
+    def _rows(self, chunk: _Chunk, output: ItemOutput) -> TensorPrediction:
+        """What a chunk asked for, from its rows of the batch's output."""
+        with self._postprocess_stage.time():
+            probabilities = torch.softmax(output.logits.float(), dim=-1)
+            top = torch.topk(probabilities, chunk.top_k) if chunk.top_k else None
+            return TensorPrediction(
+                probabilities=probabilities if chunk.probabilities else None,
+                top_k=None if top is None else (top.values, top.indices),
+                maps={
+                    block: {kind: t for kind, t in kinds.items() if t is not None}
+                    for block, kinds in output.maps.items()
+                },
+            )
 
     def _top_k(self, requested: int) -> int:
         classes = len(self.description.labels)

@@ -61,19 +61,30 @@ class ModelDescription:
 
 @dataclass(frozen=True)
 class BatchItem:
-    """One image and the blocks whose maps it wants (None: no maps).
+    """One image, or a chunk of several, and the blocks whose maps it wants (None: no maps).
 
     ``tensor`` is uint8 pixels, H x W x 3 at the model's input size (normalised in the batch), or an
-    already normalised float32 3 x H x W tensor.
+    already normalised float32 3 x H x W tensor; a chunk is N of either (N x H x W x 3, N x 3 x H x W),
+    assembled into N rows of the batch with one copy.
     """
 
     tensor: torch.Tensor
     blocks: frozenset[str] | None = None
 
+    @property
+    def chunk(self) -> bool:
+        return self.tensor.dim() == 4
+
+    @property
+    def count(self) -> int:
+        """Images it holds (its rows in the batch)."""
+        return self.tensor.shape[0] if self.tensor.dim() == 4 else 1
+
 
 @dataclass(frozen=True)
 class ItemOutput:
-    """One image's logits and its maps: block -> {"channel": C or None, "spatial": H x W or None}."""
+    """An item's logits and its maps: block -> {"channel": C or None, "spatial": H x W or None};
+    for a chunk of N, each with N rows first (N x classes, N x C, N x H x W)."""
 
     logits: torch.Tensor
     maps: dict[str, dict[str, torch.Tensor | None]]
@@ -162,9 +173,15 @@ class ModelRunner:
         except torch.cuda.OutOfMemoryError as exc:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
-            if len(items) == 1:
+            images = sum(item.count for item in items)
+            if images == 1:
                 raise OutOfMemory(f"out of memory on {self.device} for a single image: {exc}") from None
-            _log.warning("out of memory, splitting the batch", extra={"fields": {"batch_size": len(items)}})
+            _log.warning("out of memory, splitting the batch", extra={"fields": {"batch_size": images}})
+            if len(items) == 1:  # one chunk: its halves, joined back
+                (item,) = items
+                half = item.count // 2
+                parts = [replace(item, tensor=item.tensor[:half]), replace(item, tensor=item.tensor[half:])]
+                return [_join_rows(self.run_batch(parts[:1]) + self.run_batch(parts[1:]))]
             half = len(items) // 2
             return self.run_batch(items[:half]) + self.run_batch(items[half:])
 
@@ -251,37 +268,47 @@ class ModelRunner:
         for item in items:
             if item.blocks is not None:
                 wanted |= item.blocks
-        asking = [row for row, item in enumerate(items) if item.blocks is not None]
+        starts, total = [], 0  # each item's first row
+        for item in items:
+            starts.append(total)
+            total += item.count
+        asking = [i for i, item in enumerate(items) if item.blocks is not None]
         blocks = sorted(wanted) if asking else None
         # A static-shape backend gets bucket-sized batches: padded up to the bucket, or run as
         # bucket-sized pieces (17 = 16 + 1); the backend says which suits its device.
         shapes = backend.batch_shapes
-        size = bucket_for(len(items), self.buckets) if shapes == "pad" else len(items)
+        size = bucket_for(total, self.buckets) if shapes == "pad" else total
         with torch.inference_mode():
             x = self._assembler.assemble([item.tensor for item in items], size)
             if shapes == "split" and blocks is None:
                 pieces, start = [], 0
-                for piece in split_into_buckets(len(items), self.buckets):
+                for piece in split_into_buckets(total, self.buckets):
                     pieces.append(backend.run(x[start : start + piece], None)[0])
                     start += piece
                 logits, maps = torch.cat(pieces), {}
             else:
                 logits, maps = backend.run(x, blocks)
-            logits = logits[: len(items)].float().cpu()
+            logits = logits[:total].float().cpu()
             # Maps go to the host only for the rows that asked for them.
-            rows = None if len(asking) == len(items) else torch.tensor(asking, device=self.device)
+            rows = None
+            if asking and sum(items[i].count for i in asking) < total:
+                spans = [torch.arange(starts[i], starts[i] + items[i].count) for i in asking]
+                rows = torch.cat(spans).to(self.device)
             host = {
                 name: {"channel": _rows_to_host(m.channel, rows), "spatial": _rows_to_host(m.spatial, rows)}
                 for name, m in maps.items()
             }
-        at = {row: i for i, row in enumerate(asking)}
+        at, seen = {}, 0  # an asking item's first row among the rows sent to the host
+        for i in asking:
+            at[i] = seen
+            seen += items[i].count
         outputs = []
-        for row, item in enumerate(items):
+        for i, item in enumerate(items):
             mine = {} if item.blocks is None else {
-                name: {kind: None if t is None else t[at[row]] for kind, t in kinds.items()}
+                name: {kind: None if t is None else _take(t, at[i], item) for kind, t in kinds.items()}
                 for name, kinds in host.items() if name in item.blocks
             }  # fmt: skip
-            outputs.append(ItemOutput(logits[row], mine))
+            outputs.append(ItemOutput(_take(logits, starts[i], item), mine))
         return outputs
 
     def _check_against_eager(
@@ -323,6 +350,21 @@ class ModelRunner:
                 "model.backend",
                 f"{name} differs from eager by {error:.3g} (allowed {allowed:.3g}); use model.backend eager",
             )
+
+
+def _take(t: torch.Tensor, row: int, item: BatchItem) -> torch.Tensor:
+    """An item's part of a batch's output: its row, or a chunk's rows."""
+    return t[row : row + item.count] if item.chunk else t[row]
+
+
+def _join_rows(outputs: Sequence[ItemOutput]) -> ItemOutput:
+    """Chunk outputs (run apart) as one, rows in order."""
+    maps = {
+        name: {kind: None if t is None else torch.cat([o.maps[name][kind] for o in outputs])
+               for kind, t in kinds.items()}
+        for name, kinds in outputs[0].maps.items()
+    }  # fmt: skip
+    return ItemOutput(torch.cat([o.logits for o in outputs]), maps)
 
 
 def _rows_to_host(t: torch.Tensor | None, rows: torch.Tensor | None) -> torch.Tensor | None:

@@ -5,7 +5,7 @@ status of a failure, metrics, logging) is server/calls.py's.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 
 import grpc
 
@@ -194,12 +194,12 @@ def _stream_reply(
 
 
 class ParseRequests(grpc.aio.ServerInterceptor):
-    """Parses the requests of ``service`` here, so that bytes which are not a valid message get
+    """Parses the requests of ``services`` here, so that bytes which are not a valid message get
     INVALID_ARGUMENT. gRPC's own deserialiser would answer UNKNOWN, naming a Python exception, and
     log an ERROR with a traceback for every such call: any client could flood the log."""
 
-    def __init__(self, service: str) -> None:
-        self._prefix = f"/{service}/"
+    def __init__(self, services: Iterable[str]) -> None:
+        self._prefixes = tuple(f"/{service}/" for service in services)
         self._handlers = HandlerCache(lambda method, handler: _parsing(handler))
 
     async def intercept_service(
@@ -208,7 +208,7 @@ class ParseRequests(grpc.aio.ServerInterceptor):
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
-        ours = details.method.startswith(self._prefix)
+        ours = details.method.startswith(self._prefixes)
         if handler is None or handler.request_deserializer is None or not ours:
             return handler
         return self._handlers.get(details.method, handler)
@@ -243,6 +243,6 @@ def _parsing(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
                 yield response
 
         behaviour = stream
-    else:  # cbam.v1 has no other kinds of call
+    else:  # neither protocol has other kinds of call
         return handler
     return rebuild(handler, behaviour, request_deserializer=None)

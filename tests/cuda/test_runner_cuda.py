@@ -90,6 +90,8 @@ def test_uint8_pixels_are_normalised_on_the_device_as_on_the_host(cpu) -> None:
         "one image": [pixels[0]],
         "a whole uint8 batch": list(pixels),
         "pixels and a ready tensor": [pixels[0], ready, pixels[1]],
+        "a ModelInfer chunk alone": [pixels[:8]],
+        "chunks beside images": [pixels[0], pixels[1:6], ready, pixels[6:7]],
     }
     for name, images in batches.items():
         with torch.inference_mode():

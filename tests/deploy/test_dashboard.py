@@ -4,6 +4,7 @@ test_monitoring_live.py)."""
 from __future__ import annotations
 
 import json
+import re
 
 import yaml
 from deploy_support import REPO
@@ -18,6 +19,7 @@ def test_the_dashboard_shows_what_an_operator_asks_first():
     assert {
         "Throughput",
         "Classify latency p50 / p95 / p99",
+        "ModelInfer latency p50 / p95 / p99",
         "Queue wait vs inference time",
         "Batch size distribution",
         "Errors by code",
@@ -25,9 +27,11 @@ def test_the_dashboard_shows_what_an_operator_asks_first():
         "Queue depth",
         "Dropped requests",
     } <= titles
-    latency = next(p for p in PANELS if p["title"] == "Classify latency p50 / p95 / p99")
-    quantiles = sorted(t["expr"].split("(")[1].split(",")[0] for t in latency["targets"])
-    assert quantiles == ["0.50", "0.95", "0.99"]
+    for method in ("Classify", "ModelInfer"):
+        latency = next(p for p in PANELS if p["title"] == f"{method} latency p50 / p95 / p99")
+        quantiles = sorted(t["expr"].split("(")[1].split(",")[0] for t in latency["targets"])
+        assert quantiles == ["0.50", "0.95", "0.99"]
+        assert all(f'method="{method}"' in t["expr"] for t in latency["targets"])
     stages = next(p for p in PANELS if p["title"] == "Queue wait vs inference time")
     assert all('stage=~"queue|inference"' in t["expr"] for t in stages["targets"])
     assert next(p for p in PANELS if p["title"] == "Batch size distribution")["type"] == "heatmap"
@@ -86,3 +90,23 @@ def test_the_dashboard_is_findable_by_name():
     assert variables == {"job", "instance"}
     # docs/OPERATIONS.md tells people the dashboard's name; keep the two in step.
     assert "**cbam-serve**" in (REPO / "docs/OPERATIONS.md").read_text(encoding="utf-8")
+
+
+def test_throughput_shows_each_protocols_images():
+    """One series per protocol, each covering every RPC of that protocol that classifies images."""
+    from cbam.oip import grpc_service_pb2
+    from cbam.v1 import inference_pb2
+    from server.protocols.oip_model import INFERENCE_METHODS
+
+    throughput = next(p for p in PANELS if p["title"] == "Throughput")
+    series = {t["legendFormat"]: t["expr"] for t in throughput["targets"]}
+    for legend, descriptor, service in (
+        ("cbam.v1 images/s", inference_pb2, "InferenceService"),
+        ("Open Inference Protocol images/s", grpc_service_pb2, "GRPCInferenceService"),
+    ):
+        methods = set(descriptor.DESCRIPTOR.services_by_name[service].methods_by_name) & set(
+            INFERENCE_METHODS
+        )
+        (shown,) = re.findall(r'method=~"([^"]+)"', series[legend])
+        assert set(shown.split("|")) == methods, legend
+        assert "cbam_images_total" in series[legend] and 'code="OK"' in series[legend]

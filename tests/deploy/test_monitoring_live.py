@@ -20,6 +20,7 @@ import pytest
 import yaml
 from deploy_support import REPO, exported_sample_names, http_get_json, promql_names, start_prometheus
 
+from cbam.oip import grpc_service_pb2, grpc_service_pb2_grpc
 from cbam.v1 import inference_pb2, inference_pb2_grpc
 from server.launcher import ServerProcess
 from tests.support import wait_for
@@ -118,7 +119,8 @@ def grown(expr: str, at: float) -> str:
 @pytest.fixture(scope="module")
 def traffic(prometheus, live_server, sample_png) -> Traffic:
     """One Classify call (so the series exists); once Prometheus has scraped twice after it, OK_CALLS good
-    and BAD_CALLS bad ones; then a scrape that saw them all, and one more: no
+    and BAD_CALLS bad ones with one ModelInfer between (the Open Inference
+    Protocol's panels); then a scrape that saw them all, and one more: no
     series the traffic made has a single sample after it."""
     wait_for(lambda: prometheus.query('up{job="cbam-serve"} == 1'), timeout_s=120, what="the target to be up")
     latencies = []
@@ -134,6 +136,10 @@ def traffic(prometheus, live_server, sample_png) -> Traffic:
         before = _scraped_after(prometheus, _scraped_after(prometheus, time.time()))
         for _ in range(OK_CALLS):
             latencies.append(classify(sample_png))
+        infer = grpc_service_pb2.ModelInferRequest(model_name="cbam_resnet8_cifar")
+        image = infer.inputs.add(name="encoded_images", datatype="BYTES", shape=[1, 1])
+        image.contents.bytes_contents.append(sample_png)
+        grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(infer, timeout=60)
         for _ in range(BAD_CALLS):
             with pytest.raises(grpc.RpcError) as error:
                 stub.Classify(inference_pb2.ClassifyRequest(encoded=b"not an image"), timeout=60)
@@ -200,6 +206,7 @@ def test_latency_quantiles_are_bounded_by_what_the_client_measured(prometheus, t
             f"histogram_quantile({q}, sum by (le) (rate({buckets}[{window}])))", at=traffic.end
         )
         assert 0 < server_rate <= _bucket_ceiling(client), (q, server_rate, client)
+    # Classify only: the traffic's one ModelInfer aside.
     ok = 'cbam_request_duration_seconds_{}{{job="cbam-serve", method="Classify", code="OK"}}'
     count = prometheus.value(grown(ok.format("count"), traffic.before), at=traffic.end)
     assert count == OK_CALLS

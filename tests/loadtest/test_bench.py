@@ -98,6 +98,23 @@ def test_many_images_per_call(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)  # a cbam-bench run: minutes on a busy machine
+def test_the_open_inference_protocol_sends_batched_uint8_tensors(tmp_path):
+    out = tmp_path / "bench.json"
+    tiny = ["--batch-sizes", "4", "--concurrency", "2", "--duration", "1", "--warmup", "0.2"]
+    done = bench(*tiny, "--protocol", "oip", "--images-per-call", "6", "--json", str(out))
+    assert done.returncode == 0, done.stderr
+    report = json.loads(out.read_text())
+    check_report(report, {"4"}, [2])
+    (row,) = report["results"]
+    assert row["mean_batch_size_source"] == "metrics" and row["mean_batch_size"] > 1
+    assert row["throughput"] == pytest.approx(row["requests"] * 6 / row["seconds"])  # images, not calls
+    assert report["load"]["protocol"] == "oip"
+    assert "ModelInfer of 6 images as one UINT8 [N, H, W, 3] tensor" in report["load"]["generator"]
+    assert report["targets"]["saturation_efficiency"]["target"].startswith(">= 95%")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # a cbam-bench run: minutes on a busy machine
 def test_an_architecture_by_name(tmp_path):
     out = tmp_path / "bench.json"
     tiny = ["--batch-sizes", "1", "--concurrency", "1", "--duration", "1", "--warmup", "0.2"]
@@ -144,6 +161,7 @@ def test_worker_counts_compared_in_one_run_with_the_servers_cpu_per_image(tmp_pa
         ["--payload", "gif"],
         ["--cbam-cost", "--quick"],
         ["--images-per-call", "0"],
+        ["--protocol", "kserve-v1"],
         ["--cbam-cost", "--arch", "cbam_resnet50"],
         ["--workers", "0"],
         ["--rounds", "0"],

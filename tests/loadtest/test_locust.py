@@ -15,14 +15,15 @@ def test_headless_run_reports_every_kind_of_call_and_writes_csv_and_html(live, t
     command = locust(
         *bounded_run(400), "--host", live.address, "--csv", str(tmp_path / "run"),
         "--html", str(tmp_path / "run.html"), "--cbam-attention-share", "0.3", "--cbam-stream-share", "0.3",
-        "--cbam-stream-size", "4", "--cbam-batch-share", "0.3", "--cbam-batch-size", "3",
+        "--cbam-stream-size", "4", "--cbam-batch-share", "0.2", "--cbam-batch-size", "3",
+        "--cbam-oip-share", "0.2", "--cbam-oip-batch-size", "4",
     )  # fmt: skip
     done = subprocess.run(command, cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     rows = stats(tmp_path / "run")
     assert int(rows["Aggregated"]["Request Count"]) >= 400
-    for name in ("Classify", "Classify+attention", "ClassifyStream item", "ClassifyBatch item"):
-        assert int(rows[name]["Request Count"]) > 0, name
+    for name in ("Classify", "Classify+attention", "ClassifyStream item", "ClassifyBatch item", "ModelInfer"):
+        assert name in rows and int(rows[name]["Request Count"]) > 0, (name, sorted(rows))
         assert rows[name]["Type"] == "grpc"
         assert float(rows[name]["Average Content Size"]) > 0
     assert int(rows["Aggregated"]["Failure Count"]) == 0

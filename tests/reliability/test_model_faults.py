@@ -182,3 +182,28 @@ async def test_out_of_memory_for_a_single_image_is_resource_exhausted_and_the_se
         assert "memory" in outcome.details()
     model.oom_above(None)
     assert all(isinstance(o, pb.ClassifyResponse) for o in await _one_batch(stub))
+
+
+async def test_out_of_memory_splits_one_models_infer_batch_and_its_rows_stay_in_order(faulty):
+    """A ModelInfer's images are one item in the batcher: out of memory halves it until it fits."""
+    from cbam.oip import grpc_service_pb2 as oip_pb
+    from cbam.oip import grpc_service_pb2_grpc
+
+    model, _, server = faulty
+    pixels = np.random.default_rng(5).integers(0, 256, (BATCH, 32, 32, 3), dtype=np.uint8)
+    request = oip_pb.ModelInferRequest(model_name=server.pipeline.description.arch)
+    request.inputs.add(name="images", datatype="UINT8", shape=list(pixels.shape))
+    request.raw_input_contents.append(pixels.tobytes())
+    request.outputs.add(name="probabilities")
+    request.outputs.add(name="attention/layer1.0/spatial")
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        expected = await stub.ModelInfer(request, timeout=30)
+        model.batch_sizes.clear()
+        model.oom_above(2)
+        got = await stub.ModelInfer(request, timeout=30)
+        model.oom_above(None)
+    assert model.batch_sizes == [8, 4, 2, 2, 4, 2, 2], model.batch_sizes
+    for index in (0, 1):  # probabilities, then the maps
+        want = np.frombuffer(expected.raw_output_contents[index], "<f4")
+        np.testing.assert_allclose(np.frombuffer(got.raw_output_contents[index], "<f4"), want, atol=1e-5)

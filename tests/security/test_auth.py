@@ -103,7 +103,7 @@ def test_every_token_is_compared_in_constant_time_whatever_matches(monkeypatch):
         return real(a, b)
 
     monkeypatch.setattr(server.auth.hmac, "compare_digest", counting)
-    interceptor = BearerTokenInterceptor(["t1", "a-much-longer-token-2", "t3"], "cbam.v1.InferenceService")
+    interceptor = BearerTokenInterceptor(["t1", "a-much-longer-token-2", "t3"], ["cbam.v1.InferenceService"])
     for given in ("Bearer t1", "Bearer nope", "", "Bearer a-much-longer-token-2"):
         calls.clear()
         interceptor._authorized(_Details("/cbam.v1.InferenceService/Classify", [("authorization", given)]))

@@ -30,7 +30,7 @@ class Gate:
         self._open.set()
         self._entered = threading.Event()
         self.closed = False
-        self.computed: list[int] = []  # batch sizes computed while the gate was in use
+        self.computed: list[int] = []  # batch sizes (images) computed while the gate was in use
 
     def close(self) -> None:
         self._open.clear()
@@ -56,7 +56,7 @@ def gate(monkeypatch: pytest.MonkeyPatch):
     original = ModelRunner.run_batch
 
     def gated(runner: ModelRunner, items):
-        g._pass(len(items))
+        g._pass(sum(item.count for item in items))  # images: a chunk counts all of its own
         return original(runner, items)
 
     monkeypatch.setattr(ModelRunner, "run_batch", gated)

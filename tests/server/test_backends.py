@@ -210,3 +210,22 @@ def test_draft_decoding_keeps_the_top_1_of_full_decoding(eager: ModelRunner) -> 
     assert got == want
     labels = [int(name[5]) for name in names]
     assert np.mean(np.asarray(got) == np.asarray(labels)) >= 0.9
+
+
+@pytest.mark.parametrize("staging", [False, True])
+def test_chunks_fill_their_rows_as_their_images_would(eager: ModelRunner, staging: bool) -> None:
+    """A chunk (N x H x W x 3 pixels, or N x 3 x H x W normalised) takes N rows of the batch with one
+    copy: the same batch as its images given one by one, beside single images."""
+    pixels = torch.stack(_pixels(7, eager))
+    as_float = torch.stack([preprocess(_png(p), _spec(eager)) for p in pixels[5:7]])
+    assembler = _assembler(eager, staging=staging)
+    with torch.inference_mode():
+        want = assembler.assemble(list(pixels)).clone()
+        uint8_only = assembler.assemble([pixels[0:1], pixels[1], pixels[2:5]]).clone()
+        mixed = assembler.assemble([pixels[0], pixels[1:5], as_float]).clone()
+        lone = assembler.assemble([pixels[0:5]]).clone()
+        pair = assembler.assemble([pixels[0:1], pixels[1]]).clone()  # as many rows as items
+    torch.testing.assert_close(uint8_only, want[:5], rtol=0, atol=0)
+    torch.testing.assert_close(lone, want[:5], rtol=0, atol=0)
+    torch.testing.assert_close(pair, want[:2], rtol=0, atol=0)
+    torch.testing.assert_close(mixed, want, rtol=0, atol=2e-6)

@@ -11,6 +11,7 @@ import pytest
 from server.batcher import DynamicBatcher
 from server.errors import Expired, Overloaded, ShuttingDown
 from server.metrics import ServerMetrics
+from tests.support import eventually
 
 
 class Recorder:
@@ -178,12 +179,109 @@ async def test_close_finishes_what_is_queued_and_refuses_new_items() -> None:
     await closing
 
 
+class Chunks:
+    """A run_batch over chunks (lists of ints: several units per item), optionally blocking or failing."""
+
+    def __init__(self, *, blocked: bool = False, fail: bool = False) -> None:
+        self.batches: list[list[list[int]]] = []
+        self.release = asyncio.Event()
+        self.started = asyncio.Event()
+        if not blocked:
+            self.release.set()
+        self.fail = fail
+
+    async def __call__(self, items: list[list[int]]) -> list[list[int]]:
+        self.batches.append([list(item) for item in items])
+        self.started.set()
+        await self.release.wait()
+        if self.fail:
+            self.fail = False
+            raise RuntimeError("boom")
+        return [[i * 10 for i in item] for item in items]
+
+
+def make_chunked(run, **kwargs) -> tuple[DynamicBatcher, ServerMetrics]:
+    split = lambda item, n: (item[:n], item[n:])  # noqa: E731
+    join = lambda outputs: [i for output in outputs for i in output]  # noqa: E731
+    return make(run, size=len, split=split, join=join, **kwargs)
+
+
+async def test_items_of_several_units_fill_batches_and_a_large_one_is_split_in_order() -> None:
+    run = Chunks(blocked=True)
+    batcher, metrics = make_chunked(run, max_batch_size=4, max_batch_delay_s=0.0)
+    first = asyncio.create_task(batcher.submit([0]))
+    await run.started.wait()
+    large = asyncio.create_task(batcher.submit(list(range(1, 11))))  # ten units: split over three batches
+    small = asyncio.create_task(batcher.submit([11, 12]))
+    await asyncio.sleep(0)
+    assert batcher.depth == 12 and sample(metrics, "cbam_queue_depth") == 12
+    run.release.set()
+    done, rest = await large, await small
+    assert run.batches == [[[0]], [[1, 2, 3, 4]], [[5, 6, 7, 8]], [[9, 10], [11, 12]]]
+    assert done.value == [i * 10 for i in range(1, 11)] and rest.value == [110, 120]
+    assert done.batch_size == 4 and rest.batch_size == 4
+    assert sample(metrics, "cbam_batch_size_count") == 4 and sample(metrics, "cbam_batch_size_sum") == 13
+    assert sample(metrics, "cbam_stage_duration_seconds_count", stage="queue") == 5  # one per part
+    await first
+    await batcher.close()
+
+
+async def test_the_queue_bound_counts_units() -> None:
+    run = Chunks(blocked=True)
+    batcher, metrics = make_chunked(run, max_batch_size=1, max_queue=5, max_batch_delay_s=0.0)
+    computing = asyncio.create_task(batcher.submit([0]))
+    await run.started.wait()
+    queued = asyncio.create_task(batcher.submit([1, 2, 3, 4]))
+    await asyncio.sleep(0)
+    with pytest.raises(Overloaded, match="room for 1 of these 2 images"):
+        await batcher.submit([5, 6])
+    assert sample(metrics, "cbam_dropped_requests_total", reason="overloaded") == 2
+    run.release.set()
+    assert (await queued).value == [10, 20, 30, 40]
+    await computing
+    await batcher.close()
+
+
+async def test_the_rest_of_a_split_item_is_dropped_when_its_deadline_passes() -> None:
+    run = Chunks(blocked=True)
+    batcher, metrics = make_chunked(run, max_batch_size=4, max_batch_delay_s=0.0)
+    deadline = time.monotonic() + 0.05
+    doomed = asyncio.create_task(batcher.submit(list(range(6)), deadline=deadline))
+    await run.started.wait()  # its first four units compute while the deadline passes
+    await eventually(lambda: time.monotonic() > deadline, what="the deadline to pass")
+    after = asyncio.create_task(batcher.submit([7]))
+    run.release.set()
+    with pytest.raises(Expired):
+        await doomed
+    assert (await after).value == [70]
+    assert run.batches == [[[0, 1, 2, 3]], [[7]]]
+    assert sample(metrics, "cbam_dropped_requests_total", reason="deadline") == 2
+    await batcher.close()
+
+
+async def test_a_failed_part_fails_its_item_and_drops_the_rest_of_it() -> None:
+    run = Chunks(blocked=True, fail=True)
+    batcher, metrics = make_chunked(run, max_batch_size=4, max_batch_delay_s=0.0)
+    failing = asyncio.create_task(batcher.submit(list(range(6))))
+    await run.started.wait()
+    after = asyncio.create_task(batcher.submit([7]))
+    await asyncio.sleep(0)
+    run.release.set()
+    with pytest.raises(RuntimeError, match="boom"):
+        await failing
+    assert (await after).value == [70]
+    assert run.batches == [[[0, 1, 2, 3]], [[7]]] and batcher.depth == 0
+    assert sample(metrics, "cbam_dropped_requests_total", reason="cancelled") == 0
+    await batcher.close()
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
         ({"max_batch_size": 0}, "max_batch_size must be an integer >= 1"),
         ({"max_batch_delay_s": -1}, "max_batch_delay_s must be >= 0"),
         ({"max_queue": 0}, "max_queue must be an integer >= 1"),
+        ({"size": len}, "items with a size need split and join too"),
     ],
 )
 def test_arguments_are_checked_up_front(kwargs: dict, message: str) -> None:

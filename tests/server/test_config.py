@@ -88,12 +88,20 @@ def test_precedence_cli_over_env_over_file_over_default(env, tmp_path: Path) -> 
         (["--batching.max_batch_delay_ms", "-1"], "batching.max_batch_delay_ms"),
         (["--limits.max_image_pixels", "0"], "limits.max_image_pixels"),
         (["--tls.cert_file", __file__], "tls"),
+        (["--oip.model_name", "my model/v2"], "oip.model_name"),
     ],
 )
 def test_invalid_values_name_the_field(env, argv: list[str], field: str) -> None:
     with pytest.raises(ValidationError) as info:
         load_settings(argv)
     assert field in str(info.value)
+
+
+def test_the_oip_group_defaults_to_serving_the_architectures_name(env) -> None:
+    assert load_settings([]).oip.enabled and load_settings([]).oip.model_name is None
+    env.set("CBAM_OIP__MODEL_NAME", "digits")
+    s = load_settings(["--oip.enabled", "false"])
+    assert (s.oip.enabled, s.oip.model_name) == (False, "digits")
 
 
 def test_invalid_env_value_names_the_field(env) -> None:

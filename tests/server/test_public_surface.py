@@ -12,6 +12,7 @@ MODULES = [
     "logs", "metrics", "pipeline", "postprocess", "preprocess", "runner", "service", "supervisor", "tracing",
     "tuning", "worker", "__main__", "backends", "backends.auto", "backends.base", "backends.cache",
     "backends.compiled", "backends.eager", "backends.onnx",
+    "protocols.oip", "protocols.oip_model", "protocols.oip_tensors",
 ]  # fmt: skip
 
 

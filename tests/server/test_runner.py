@@ -157,3 +157,58 @@ def test_out_of_memory_for_one_image_is_an_error_of_its_own(served, monkeypatch)
     monkeypatch.setattr(model, "forward", full)
     with pytest.raises(OutOfMemory, match="out of memory"):
         runner.run_batch([BatchItem(x) for x in _images(2, runner)])
+
+
+def _pixels(n: int, runner: ModelRunner, seed: int = 1) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    shape = (n, *runner.description.input_size, 3)
+    return torch.randint(0, 256, shape, dtype=torch.uint8, generator=generator)
+
+
+def test_a_chunk_takes_its_rows_and_gets_them_back_as_its_images_alone_would(runner: ModelRunner) -> None:
+    """A chunk of N images (one item) is N rows of the batch; its outputs come back N rows first,
+    maps only for the rows of the items that asked, beside single images and a one-image chunk."""
+    block = runner.description.attention_blocks[0]
+    pixels = _pixels(6, runner)
+    items = [
+        BatchItem(pixels[0]),
+        BatchItem(pixels[1:4], frozenset({block})),
+        BatchItem(pixels[4:5]),  # a chunk of one
+        BatchItem(pixels[5], frozenset({block})),
+    ]
+    single, chunk, one, last = runner.run_batch(items)
+    alone = [runner.run_batch([BatchItem(p, frozenset({block}))])[0] for p in pixels]
+    close = {"atol": 1e-4, "rtol": 1e-4}
+    assert chunk.logits.shape == (3, len(runner.description.labels)) and one.logits.shape[0] == 1
+    torch.testing.assert_close(single.logits, alone[0].logits, **close)
+    torch.testing.assert_close(chunk.logits, torch.stack([a.logits for a in alone[1:4]]), **close)
+    torch.testing.assert_close(one.logits[0], alone[4].logits, **close)
+    torch.testing.assert_close(last.logits, alone[5].logits, **close)
+    assert single.maps == {} and one.maps == {} and list(chunk.maps) == [block]
+    for kind in ("channel", "spatial"):
+        want = torch.stack([a.maps[block][kind] for a in alone[1:4]])
+        torch.testing.assert_close(chunk.maps[block][kind], want, **close)
+        torch.testing.assert_close(last.maps[block][kind], alone[5].maps[block][kind], **close)
+
+
+def test_out_of_memory_halves_a_lone_chunk_and_joins_its_rows_in_order(served, monkeypatch) -> None:
+    runner, model = served
+    blocks = frozenset(runner.description.attention_blocks[:1])
+    chunk = BatchItem(_pixels(8, runner), blocks)
+    (expected,) = runner.run_batch([chunk])
+    sizes: list[int] = []
+    forward = model.forward_with_attention
+
+    def tight(x, blocks=None):
+        sizes.append(x.shape[0])
+        if x.shape[0] > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (pretend)")
+        return forward(x, blocks=blocks)
+
+    monkeypatch.setattr(model, "forward_with_attention", tight)
+    (got,) = runner.run_batch([chunk])
+    assert sizes == [8, 4, 2, 2, 4, 2, 2]
+    torch.testing.assert_close(got.logits, expected.logits, atol=1e-4, rtol=1e-4)
+    for block, kinds in expected.maps.items():
+        for kind, want in kinds.items():
+            torch.testing.assert_close(got.maps[block][kind], want, atol=1e-5, rtol=0)
