@@ -36,6 +36,7 @@ __all__ = ["InferenceServer", "build_server", "plaintext_warning", "serve"]
 
 _log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
+HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
 
 class InferenceServer:
@@ -143,6 +144,8 @@ def build_server(settings: Settings, *, runner: ModelRunner | None = None) -> tu
     metrics = ServerMetrics()
     if runner is None:
         runner = ModelRunner.from_settings(settings.model, settings.batching.max_batch_size)
+    if settings.debug.fail_batch_on_sigusr1:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, runner.fail_next_forward)
     d = runner.description
     metrics.describe_model(arch=d.arch, version=d.version, device=d.device, dtype=d.dtype)
     if runner.device.type == "cuda":
@@ -179,7 +182,7 @@ def build_server(settings: Settings, *, runner: ModelRunner | None = None) -> tu
     if settings.reflection:
         names = (
             SERVICE_NAME,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            HEALTH_SERVICE_NAME,
             reflection.SERVICE_NAME,
         )
         reflection.enable_server_reflection(names, server)
@@ -281,7 +284,8 @@ def plaintext_warning(settings: Settings) -> str | None:
 
 def _interceptors(settings: Settings, metrics: ServerMetrics) -> list[grpc.aio.ServerInterceptor]:
     # The first runs first: a caller without a token is refused before its message is parsed.
-    parse = ParseRequests(SERVICE_NAME)
+    # Every service's messages are parsed there, health's and reflection's too (gRPC would say UNKNOWN).
+    parse = ParseRequests((SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME))
     tokens = [token.get_secret_value() for token in settings.auth.tokens]
     if not tokens:
         return [parse]

@@ -4,8 +4,9 @@ status of a failure, metrics, logging) is server/calls.py's.
 
 from __future__ import annotations
 
+import inspect
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 
 import grpc
 
@@ -194,12 +195,12 @@ def _stream_reply(
 
 
 class ParseRequests(grpc.aio.ServerInterceptor):
-    """Parses the requests of ``service`` here, so that bytes which are not a valid message get
+    """Parses the requests of ``services`` here, so that bytes which are not a valid message get
     INVALID_ARGUMENT. gRPC's own deserialiser would answer UNKNOWN, naming a Python exception, and
     log an ERROR with a traceback for every such call: any client could flood the log."""
 
-    def __init__(self, service: str) -> None:
-        self._prefix = f"/{service}/"
+    def __init__(self, services: Iterable[str]) -> None:
+        self._prefixes = tuple(f"/{service}/" for service in services)
         self._handlers = HandlerCache(lambda method, handler: _parsing(handler))
 
     async def intercept_service(
@@ -208,13 +209,14 @@ class ParseRequests(grpc.aio.ServerInterceptor):
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
-        ours = details.method.startswith(self._prefix)
+        ours = details.method.startswith(self._prefixes)
         if handler is None or handler.request_deserializer is None or not ours:
             return handler
         return self._handlers.get(details.method, handler)
 
 
 def _parsing(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """``handler`` taking raw bytes and parsing them itself; any of the four kinds of call."""
     deserialize = handler.request_deserializer
     descriptor = getattr(getattr(deserialize, "__self__", None), "DESCRIPTOR", None)
     name = descriptor.full_name if descriptor is not None else "request"
@@ -226,23 +228,31 @@ def _parsing(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
             message = f"request: not a valid {name} message ({exc})"
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
 
-    if not handler.request_streaming and not handler.response_streaming:
+    async def each(raw_requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext):
+        async for raw in raw_requests:
+            yield await parse(raw, context)
 
-        async def unary(raw: bytes, context: grpc.aio.ServicerContext):
-            return await handler.unary_unary(await parse(raw, context), context)
+    async def requests(raw, context: grpc.aio.ServicerContext):
+        return each(raw, context) if handler.request_streaming else await parse(raw, context)
 
-        behaviour = unary
-    elif handler.request_streaming and handler.response_streaming:
+    if not handler.response_streaming:
+        answer = handler.stream_unary if handler.request_streaming else handler.unary_unary
 
-        async def stream(raw_requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext):
-            async def requests():
-                async for raw in raw_requests:
-                    yield await parse(raw, context)
+        async def unary(raw, context: grpc.aio.ServicerContext):
+            return await answer(await requests(raw, context), context)
 
-            async for response in handler.stream_stream(requests(), context):
-                yield response
+        return rebuild(handler, unary, request_deserializer=None)
 
-        behaviour = stream
-    else:  # cbam.v1 has no other kinds of call
-        return handler
-    return rebuild(handler, behaviour, request_deserializer=None)
+    answers = handler.stream_stream if handler.request_streaming else handler.unary_stream
+    # An async generator, or a coroutine that writes with context.write() (grpc's health Watch).
+    generates = inspect.isasyncgenfunction(answers)
+
+    async def stream(raw, context: grpc.aio.ServicerContext):
+        request = await requests(raw, context)
+        if not generates:
+            await answers(request, context)
+            return
+        async for response in answers(request, context):
+            yield response
+
+    return rebuild(handler, stream, request_deserializer=None)
