@@ -33,6 +33,7 @@ from pydantic_settings import (
 __all__ = [
     "Auth",
     "Batching",
+    "Debug",
     "Limits",
     "Log",
     "Metrics",
@@ -293,6 +294,16 @@ class Tracing(_Group):
         return self
 
 
+class Debug(_Group):
+    """Fault injection for reliability runs (scripts/faults.py); off in production."""
+
+    fail_batch_on_sigusr1: bool = Field(
+        False,
+        description="Each SIGUSR1 makes the next batch's forward raise once, as a model fault would "
+        "(the batch is then run again in halves). For fault-injection runs only.",
+    )
+
+
 class Settings(BaseSettings):
     """cbam-serve: a gRPC inference service for CBAM-ResNet image classifiers.
 
@@ -342,6 +353,7 @@ class Settings(BaseSettings):
     metrics: Metrics = Metrics()
     log: Log = Log()
     tracing: Tracing = Field(default_factory=Tracing)  # a factory: its default reads the environment
+    debug: Debug = Debug()
 
     @classmethod
     def settings_customise_sources(

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from server.errors import OutOfMemory, StartupError
 
 __all__ = [
     "BatchItem",
+    "InjectedFault",
     "ItemOutput",
     "ModelDescription",
     "ModelRunner",
@@ -43,6 +45,10 @@ __all__ = [
 
 _log = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class InjectedFault(RuntimeError):
+    """Raised by a forward on purpose: ``ModelRunner.fail_next_forward`` (fault-injection runs)."""
 
 
 @dataclass(frozen=True)
@@ -180,6 +186,7 @@ class ModelRunner:
         self._shift = (-mean_ / std_).to(device=device, dtype=torch.float32)
         # The batch, preallocated for the largest bucket: B x H x W x 3 is channels-last B x 3 x H x W.
         self._batch = torch.zeros(self.buckets[-1], height, width, 3, device=device, dtype=dtype)
+        self._fail_next = threading.Event()  # fail_next_forward(): set on the event loop, read in the forward
         self._staging: torch.Tensor | None = None  # CUDA: pinned uint8 pixels, copied without blocking
         self._pixels: torch.Tensor | None = None  # CPU: uint8 pixels stacked before normalising
         if device.type != "cuda":
@@ -271,12 +278,13 @@ class ModelRunner:
             max_batch_size=max_batch_size,
         )
 
-    def run_batch(self, items: Sequence[BatchItem]) -> list[ItemOutput]:
+    def run_batch(self, items: Sequence[BatchItem], *, retry: bool = True) -> list[ItemOutput]:
         """One forward pass over ``items``; maps only if some item asked, for the blocks any asked for.
 
         When the device runs out of memory the batch is split in halves until the parts fit, so a
         batch too large for the moment still gets right answers; one image that does not fit alone
-        raises OutOfMemory.
+        raises OutOfMemory. A forward that fails otherwise is run once more: a passing fault costs
+        time, not answers; one that stays fails the batch.
         """
         try:
             return self._forward(items)
@@ -288,8 +296,21 @@ class ModelRunner:
             _log.warning("out of memory, splitting the batch", extra={"fields": {"batch_size": len(items)}})
             half = len(items) // 2
             return self.run_batch(items[:half]) + self.run_batch(items[half:])
+        except Exception as exc:
+            if not retry:
+                raise
+            fields = {"batch_size": len(items), "error": repr(exc)}
+            _log.warning("forward failed, running the batch once more", extra={"fields": fields})
+            return self.run_batch(items, retry=False)
+
+    def fail_next_forward(self) -> None:
+        """Make the next forward raise, once (debug.fail_batch_on_sigusr1: fault-injection runs)."""
+        self._fail_next.set()
 
     def _forward(self, items: Sequence[BatchItem]) -> list[ItemOutput]:
+        if self._fail_next.is_set():
+            self._fail_next.clear()
+            raise InjectedFault(f"fault injected into a forward of {len(items)} images (SIGUSR1)")
         wanted: set[str] = set()
         for item in items:
             if item.blocks is not None:
