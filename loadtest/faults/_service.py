@@ -13,6 +13,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -160,8 +161,8 @@ class Balanced:
 
     def __enter__(self) -> Balanced:
         try:
-            for replica in self.replicas:
-                replica.start()
+            with ThreadPoolExecutor(len(self.replicas)) as starting:  # both load their model at once
+                list(starting.map(Service.start, self.replicas))
             self._start_nginx()
         except BaseException:
             self.close()
