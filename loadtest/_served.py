@@ -48,8 +48,10 @@ class LaunchedServer:
         self.startup_timeout = startup_timeout
         self.port: int | None = None
         self.metrics_port: int | None = None
+        self.serving: dict = {}  # the "serving" log record: backend, batching, threads, ...
         self._tail: collections.deque[str] = collections.deque(maxlen=40)
         self._process: subprocess.Popen | None = None
+        self._reader: threading.Thread | None = None
 
     @property
     def target(self) -> str:
@@ -58,6 +60,10 @@ class LaunchedServer:
     @property
     def metrics_url(self) -> str:
         return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._process is None else self._process.pid
 
     def __enter__(self) -> LaunchedServer:
         self.start()
@@ -81,7 +87,8 @@ class LaunchedServer:
             cwd=self.checkout, env=env,
         )  # fmt: skip
         found = threading.Event()
-        threading.Thread(target=self._read_log, args=(found,), daemon=True).start()
+        self._reader = threading.Thread(target=self._read_log, args=(found,), daemon=True)
+        self._reader.start()
         deadline = time.monotonic() + self.startup_timeout
         while not found.wait(0.1):
             if self._process.poll() is not None or time.monotonic() > deadline:
@@ -90,26 +97,29 @@ class LaunchedServer:
                 raise RuntimeError(f"cbam-serve did not start ({' '.join(self.args[1:])}):\n{tail}")
 
     def _read_log(self, found: threading.Event) -> None:
-        for line in self._process.stderr:
-            self._tail.append(line.rstrip())
-            if not found.is_set() and line.startswith("{"):
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    continue
-                if record.get("event") == "serving":
-                    self.port, self.metrics_port = record["port"], record.get("metrics_port")
-                    found.set()
+        with self._process.stderr:  # closed when the log ends: the server has exited
+            for line in self._process.stderr:
+                self._tail.append(line.rstrip())
+                if not found.is_set() and line.startswith("{"):
+                    try:
+                        record = json.loads(line)
+                    except ValueError:
+                        continue
+                    if record.get("event") == "serving":
+                        self.port, self.metrics_port = record["port"], record.get("metrics_port")
+                        self.serving = record
+                        found.set()
 
     def stop(self) -> None:
-        if self._process is None or self._process.poll() is not None:
-            return
-        self._process.terminate()  # SIGTERM: the server drains, then exits
-        try:
-            self._process.wait(30)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
-            self._process.wait()
+        if self._process is not None and self._process.poll() is None:
+            self._process.terminate()  # SIGTERM: the server drains, then exits
+            try:
+                self._process.wait(30)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+        if self._reader is not None:
+            self._reader.join(10)  # it closes the log's pipe once the log ends
 
 
 def scrape_batch_size(url: str | None) -> tuple[float, float] | None:

@@ -3,6 +3,7 @@
     cbam-bench [--quick] [--json OUT] [--plot OUT.png] [--target HOST:PORT] [--arch NAME --input-size N]
     cbam-bench --cbam-cost [--backend B] [--cost-batch-sizes 1,8,32] [--json OUT]
     cbam-bench --tracing-cost [--baseline-checkout DIR] [--concurrency C] [--tracing-rounds N] [--json OUT]
+    cbam-bench --peers [--setup] [--quick] [--peer-venvs DIR] [--json OUT]
 
 1. The ceiling: the same model, loaded in this process, timed doing nothing but forward passes at batch
    sizes 1, 2, 4, ... (the server's thread settings, torch.inference_mode).
@@ -22,6 +23,9 @@ this process, at batch 1 and the best batch (loadtest/_cost.py); nothing is serv
 stage events, the spans going to a local OTLP sink, all running at once and loaded in rotated turns
 (loadtest/_tracing_cost.py); --baseline-checkout DIR adds a server run from another source tree (main
 before tracing, say), to judge what tracing costs while off.
+
+--peers measures cbam-serve, with its defaults, against Triton (PyTriton) and TorchServe serving the same
+weights, side by side in one run (loadtest/peers.py).
 """
 
 from __future__ import annotations
@@ -64,6 +68,11 @@ QUICK = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--peers" in argv:  # a different run with its own options: loadtest/peers.py
+        from .peers import main as peers_main
+
+        return peers_main([arg for arg in argv if arg != "--peers"])
     parser = _parser()
     args = parser.parse_args(argv)
     preset = QUICK if args.quick else FULL
@@ -272,13 +281,19 @@ def _tracing_cost(
     return 1 if errors else 0
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="cbam-bench",
-        description=__doc__.split("\n\n")[0],
+def doc_parser(prog: str, doc: str) -> argparse.ArgumentParser:
+    """A parser whose description is the docstring's first paragraph and whose epilog is the rest after
+    the usage paragraph."""
+    return argparse.ArgumentParser(
+        prog=prog,
+        description=doc.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="\n\n".join(__doc__.split("\n\n")[2:]),
+        epilog="\n\n".join(doc.split("\n\n")[2:]),
     )
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = doc_parser("cbam-bench", __doc__)
     parser.add_argument(
         "--quick",
         action="store_true",
@@ -360,6 +375,12 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="instead: time cbam_resnet50 against resnet50 (224x224, --backend), interleaved in this "
         "process, and judge CBAM's cost (forward <= 1.10x at batch 1 and at the best batch)",
+    )
+    parser.add_argument(
+        "--peers",
+        action="store_true",
+        help="instead: cbam-serve with its defaults against Triton and TorchServe, side by side "
+        "(loadtest/peers.py; its options: cbam-bench --peers --help)",
     )
     parser.add_argument(
         "--cost-batch-sizes", default="1,8,32", metavar="LIST", help="with --cbam-cost (default 1,8,32)"

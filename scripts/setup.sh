@@ -2,8 +2,9 @@
 # Sets up a fresh machine for cbam-serve: a virtual environment at .venv with torch and the project.
 # Idempotent: re-running it only installs what is missing.
 #   bash scripts/setup.sh          runtime + the dev extra (training, load-test, onnx, test tools)
-#   bash scripts/setup.sh --test   also installs the real servers the tests start (prometheus, nginx) and
-#                                  the browser that opens the attention gallery (chromium)
+#   bash scripts/setup.sh --test   also installs the real servers the tests start (prometheus, nginx),
+#                                  the browser that opens the attention gallery (chromium) and the load
+#                                  generator of cbam-bench --peers (h2load)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,6 +19,7 @@ if [[ "${1:-}" == "--test" ]]; then
   command -v prometheus >/dev/null || missing+=(prometheus)
   command -v nginx >/dev/null || missing+=(nginx-light)
   [[ -x /usr/bin/chromium ]] || missing+=(chromium)
+  command -v h2load >/dev/null || missing+=(nghttp2-client)  # cbam-bench --peers' load generator
   if (( ${#missing[@]} )); then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
