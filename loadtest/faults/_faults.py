@@ -100,7 +100,7 @@ class FaultRun:
     ) -> grpc.StatusCode:
         """Await one of the fault's own calls (``what`` it was, for the examples of lost calls) and count
         it; its status."""
-        started = self.ledger.begin(FAULT)
+        started = self.ledger.begin()
         code, details = await _outcome(call)
         self.ledger.end(FAULT, started, code, f"{what}: {details}" if what else details, expected)
         return code
@@ -314,7 +314,7 @@ class SlowReaders(Fault):
                 if stop_sending.is_set():
                     return
                 request_id = f"slow{reader}-{item}"
-                started[request_id] = run.ledger.begin(FAULT)
+                started[request_id] = run.ledger.begin()
                 yield pb.ClassifyRequest(request_id=request_id, encoded=run.image, attention=attention)
 
         def answered() -> float:

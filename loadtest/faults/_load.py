@@ -100,7 +100,7 @@ class SteadyLoad:
 
     async def _caller(self, population: str, client: AsyncClient) -> None:
         while not self._stop.is_set():
-            started = self.ledger.begin(population)
+            started = self.ledger.begin()
             try:
                 await client.classify(self.image, top_k=1)
             except CbamError as exc:

@@ -10,12 +10,12 @@ Then every call has ended (or is counted as having no answer), and each populati
 from __future__ import annotations
 
 import asyncio
-import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import grpc
+import numpy as np
 
 from cbam.v1 import inference_pb2 as pb
 from cbam.v1 import inference_pb2_grpc
@@ -152,7 +152,10 @@ async def run_fault(
         await asyncio.sleep(sizes.baseline_s)
         await load.wait_for_ok(sizes.min_ok, _READY_TIMEOUT_S)
         started = time.monotonic()
-        p50 = statistics.median(ledger.ok_latencies((RETRIES_OFF, RETRIES_ON), baseline_start, started))
+        baseline = ledger.ok_latencies((RETRIES_OFF, RETRIES_ON), baseline_start, started)
+        if not len(baseline):
+            raise RuntimeError(f"{fault.name}: no OK calls in the baseline: {ledger.examples[:3]}")
+        p50 = float(np.median(baseline))
         run = FaultRun(service, ledger, info, image, sizes, p50, hostile)
         result.rss_before_mb = service.rss_mb()
         await fault.inject(run)

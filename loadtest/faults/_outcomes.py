@@ -99,17 +99,30 @@ class Tally:
         return dict(self.__dict__)
 
 
+class _OkCalls:
+    """One population's OK calls, in order of their start: the latencies of those started in a window."""
+
+    def __init__(self, records: Iterable[CallRecord]) -> None:
+        calls = sorted((r.started, r.ended - r.started) for r in records if r.code == "OK")
+        self.starts = np.array([start for start, _ in calls])
+        self.latencies = np.array([latency for _, latency in calls])
+
+    def started_within(self, start: float, end: float) -> np.ndarray:
+        first, last = np.searchsorted(self.starts, [start, end])
+        return self.latencies[first:last]
+
+
 class Ledger:
-    """Every call of one fault run, by population, and how many are in flight at any moment."""
+    """Every call of one fault run, by population."""
 
     def __init__(self) -> None:
         self.records: list[CallRecord] = []
         self.examples: list[str] = []  # the first few lost calls, described
-        self.in_flight: Counter[str] = Counter()
+        self._ok: dict[str, _OkCalls] = {}  # built when first asked for, after the calls
 
-    def begin(self, population: str) -> float:
+    @staticmethod
+    def begin() -> float:
         """A call starts now: its start time (hand it back to ``end``)."""
-        self.in_flight[population] += 1
         return time.monotonic()
 
     def end(
@@ -121,10 +134,10 @@ class Ledger:
         expected: frozenset[grpc.StatusCode] = GOOD,
     ) -> str:
         """The call that ``begin`` started has ended with ``code`` (None: no answer); its category."""
-        self.in_flight[population] -= 1
         category = categorise(code, details, expected)
         name = NO_ANSWER if code is None else code.name
         self.records.append(CallRecord(population, started, time.monotonic(), name, category))
+        self._ok.clear()
         if category == "lost" and len(self.examples) < 10:
             self.examples.append(f"{population}: {name}: {details[:200]}")
         return category
@@ -135,14 +148,9 @@ class Ledger:
             1 for r in self.records if r.population == population and r.started <= end and r.ended >= start
         )
 
-    def ok_latencies(self, populations: Iterable[str], start: float, end: float) -> list[float]:
+    def ok_latencies(self, populations: Iterable[str], start: float, end: float) -> np.ndarray:
         """Seconds taken by the OK calls of ``populations`` that started within [start, end)."""
-        wanted = set(populations)
-        return [
-            r.ended - r.started
-            for r in self.records
-            if r.population in wanted and r.code == "OK" and start <= r.started < end
-        ]
+        return np.concatenate([self._ok_calls(p).started_within(start, end) for p in populations])
 
     def tally(
         self, population: str, before: tuple[float, float], during: tuple[float, float], end: float
@@ -167,10 +175,15 @@ class Ledger:
             tally.recovery_s = recovery_seconds(self, population, tally.p99_before_ms / 1000, during[1], end)
         return tally
 
+    def _ok_calls(self, population: str) -> _OkCalls:
+        if population not in self._ok:
+            self._ok[population] = _OkCalls(r for r in self.records if r.population == population)
+        return self._ok[population]
 
-def p99_ms(latencies: list[float]) -> float | None:
+
+def p99_ms(latencies: np.ndarray) -> float | None:
     """The 99th percentile in milliseconds, or None without latencies."""
-    return float(np.percentile(latencies, 99) * 1000) if latencies else None
+    return float(np.percentile(latencies, 99) * 1000) if len(latencies) else None
 
 
 # Recovery: the first window after the fault whose p99 is within this factor of the baseline's. A p99
