@@ -129,6 +129,12 @@ class Limits(_Group):
     max_concurrent_rpcs: int = Field(
         4096, ge=1, description="Most calls the server handles at once; beyond it RESOURCE_EXHAUSTED."
     )
+    max_pending_calls: int = Field(
+        16384,
+        ge=1,
+        description="Most calls gRPC holds for the server before it takes them up (a burst's backlog); "
+        "beyond it gRPC cancels new calls at once (CANCELLED).",
+    )
 
 
 class Tls(_Group):
