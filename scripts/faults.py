@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             run_matrix(args.faults, server_args, sizes, hostile=corpus.everything, progress=_progress)
         )
     command = shlex.join(["python", "scripts/faults.py", *(sys.argv[1:] if argv is None else argv)])
-    table = markdown_table(results, command=command, when=when, machine=_machine())
+    table = markdown_table(results, command=command, when=when, machine=_machine(), short=args.short)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     report = {
         "command": command,

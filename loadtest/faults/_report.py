@@ -35,10 +35,17 @@ def _facts(evidence: dict) -> str:
     return ", ".join(f"{k} {v}" for k, v in evidence.items() if not isinstance(v, (dict, list)))
 
 
-def markdown_table(results: Sequence[FaultResult], *, command: str, when: str, machine: str) -> str:
+def markdown_table(
+    results: Sequence[FaultResult], *, command: str, when: str, machine: str, short: bool = False
+) -> str:
     """One row per fault and population of calls, then what each fault observed."""
-    lines = [
-        f"Made by `{command}` on {when} ({machine}).",
+    lines = [f"Made by `{command}` on {when} ({machine})."]
+    if short:
+        lines.append(
+            "The short form: its counts show every fault ran and what it cost in calls; its seconds of "
+            "load per fault make no figures (p99, recovery, the soak's memory): the long form does."
+        )
+    lines += [
         "",
         "| fault | service | calls | sent | OK | refused, retryable | client errors | lost (target) "
         "| p99 ms before → during | p99 back after | server RSS MB before → after |",
