@@ -69,13 +69,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--no-doc", action="store_true", help="print the table, leave the Markdown file alone"
     )
-    argv = sys.argv[1:] if argv is None else argv
-    server_args: list[str] = []
-    if "--" in argv:
-        at = argv.index("--")
-        argv, server_args = argv[:at], argv[at + 1 :]
+    parser.add_argument("server_args", nargs="*", metavar="-- SERVER_ARG", help="given to every server")
     args = parser.parse_args(argv)
-    args.server_args = server_args
     try:
         args.faults = faults_named(args.only.split(",") if args.only else None)
         args.worker_counts = [int(n) for n in args.workers.split(",")]

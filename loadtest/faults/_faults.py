@@ -176,23 +176,27 @@ def get_fault(name: str) -> Fault:
     return FAULTS[name]
 
 
+async def _stop_and_restart(run: FaultRun, sig: int) -> tuple[float, float]:
+    """Stop the server with ``sig``, note how it ended, start it again (on its port): when the signal
+    went, and when the server had exited."""
+    service = run.service
+    signalled = time.monotonic()
+    code = await asyncio.to_thread(service.stop, sig)
+    exited = time.monotonic()
+    drained = bool(service.events("draining")) and bool(service.events("stopped"))
+    run.evidence.update(exit_code=code, drained=drained, exit_s=round(exited - signalled, 2))
+    await asyncio.to_thread(service.start)
+    run.evidence["restart_s"] = round(time.monotonic() - exited, 2)
+    return signalled, exited
+
+
 @_register
 class Sigterm(Fault):
     name = "sigterm"
     title = "SIGTERM under load (drain), then a restart"
 
     async def inject(self, run: FaultRun) -> None:
-        service = run.service
-        signalled = time.monotonic()
-        code = await asyncio.to_thread(service.stop, signal.SIGTERM)
-        exited = time.monotonic()
-        run.evidence.update(
-            exit_code=code,
-            drain_s=round(exited - signalled, 2),
-            drained=bool(service.events("draining")) and bool(service.events("stopped")),
-        )
-        await asyncio.to_thread(service.start)
-        run.evidence["restart_s"] = round(time.monotonic() - exited, 2)
+        await _stop_and_restart(run, signal.SIGTERM)
 
 
 @_register
@@ -201,16 +205,10 @@ class Sigkill(Fault):
     title = "SIGKILL of the server (restarted by the matrix) or of one worker (by its supervisor)"
 
     async def inject(self, run: FaultRun) -> None:
-        service = run.service
-        if service.workers > 1:
-            await self._kill_a_worker(run, service)
-            return
-        killed = time.monotonic()
-        code = await asyncio.to_thread(service.stop, signal.SIGKILL)
-        run.kill_window = (killed, time.monotonic())
-        run.evidence["exit_code"] = code
-        await asyncio.to_thread(service.start)
-        run.evidence["restart_s"] = round(time.monotonic() - run.kill_window[1], 2)
+        if run.service.workers > 1:
+            await self._kill_a_worker(run, run.service)
+        else:
+            run.kill_window = await _stop_and_restart(run, signal.SIGKILL)
 
     async def _kill_a_worker(self, run: FaultRun, service: Service) -> None:
         restarts = await asyncio.to_thread(service.sample, "cbam_worker_restarts_total")

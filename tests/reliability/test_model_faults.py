@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import os
 import signal
 from collections.abc import Callable
@@ -83,13 +84,13 @@ class FaultyModel(nn.Module):
         return self.inner.forward_with_attention(x, blocks=blocks)
 
 
-@pytest.fixture
-async def faulty():
+@contextlib.asynccontextmanager
+async def _faulty_server(*more_args: str):
     """(model, stub, server): an in-process server over a FaultyModel, where BATCH concurrent requests
     form one batch (the batch delay is generous)."""
     settings = load_settings([
         "--host", "127.0.0.1", "--port", "0", "--metrics.enabled", "false",
-        "--batching.max_batch_size", str(BATCH), "--batching.max_batch_delay_ms", "2000",
+        "--batching.max_batch_size", str(BATCH), "--batching.max_batch_delay_ms", "2000", *more_args,
     ])  # fmt: skip
     runner = ModelRunner.from_settings(settings.model)
     model = FaultyModel(runner.model)
@@ -103,6 +104,12 @@ async def faulty():
     finally:
         await channel.close()
         await server.stop(0)
+
+
+@pytest.fixture
+async def faulty():
+    async with _faulty_server() as served:
+        yield served
 
 
 IMAGES = [corpus.encode(corpus.picture(24, 24, seed=s)) for s in range(BATCH)]
@@ -173,25 +180,11 @@ async def test_a_model_fault_that_stays_fails_only_its_own_batch_of_stream_items
 async def test_the_debug_setting_makes_sigusr1_fail_the_next_forward_once():
     """debug.fail_batch_on_sigusr1, as scripts/faults.py uses it: SIGUSR1 makes the next forward raise
     (before the model runs), the batch is run once more, and every request is answered."""
-    settings = load_settings([
-        "--host", "127.0.0.1", "--port", "0", "--metrics.enabled", "false",
-        "--batching.max_batch_size", str(BATCH), "--batching.max_batch_delay_ms", "2000",
-        "--debug.fail_batch_on_sigusr1", "true",
-    ])  # fmt: skip
-    runner = ModelRunner.from_settings(settings.model)
-    model = FaultyModel(runner.model)
-    runner.model = model
-    server, port = build_server(settings, runner=runner)
-    await server.start()
-    try:
-        model.batch_sizes.clear()
+    async with _faulty_server("--debug.fail_batch_on_sigusr1", "true") as (model, stub, _):
         os.kill(os.getpid(), signal.SIGUSR1)
         await asyncio.sleep(0)  # the loop runs the handler
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            outcomes = await _one_batch(inference_pb2_grpc.InferenceServiceStub(channel))
-            again = await _one_batch(inference_pb2_grpc.InferenceServiceStub(channel))
-    finally:
-        await server.stop(0)
+        outcomes = await _one_batch(stub)
+        again = await _one_batch(stub)
     assert all(isinstance(o, pb.ClassifyResponse) for o in outcomes + again)
     # The injected fault raised before the model ran: it saw the batch once, then the next batch.
     assert model.batch_sizes == [BATCH, BATCH], model.batch_sizes
