@@ -23,6 +23,7 @@ __all__ = [
     "build_model",
     "configure_threads",
     "make_inputs",
+    "resolve_backend",
 ]
 
 
@@ -34,24 +35,24 @@ def usable_cores() -> int:
 
 
 def configure_threads() -> int:
-    """The server's torch thread settings (server/runner.py configure_torch_threads); returns the threads."""
-    from server.runner import configure_torch_threads
+    """The server's torch thread settings (server/tuning.py configure_torch_threads); returns the threads."""
+    from server.tuning import configure_torch_threads
 
     configure_torch_threads()
     return torch.get_num_threads()
 
 
 def build_model(arch: str | None, input_size: int | None = None) -> tuple[nn.Module, tuple[int, int], str]:
-    """(model, (H, W), version) as cbam-serve builds it (its own ModelRunner.from_settings, on the CPU):
-    `arch` None means the default checkpoint, else seed-0 random weights and 1000 classes."""
+    """(model, (H, W), version) as cbam-serve loads it (its own load_model, on the CPU): `arch` None means
+    the default checkpoint, else seed-0 random weights and 1000 classes. Eval mode, float32, and
+    channels-last as the runner's default places it."""
     from server.config import ModelSettings
-    from server.runner import ModelRunner
+    from server.loading import load_model
 
-    runner = ModelRunner.from_settings(ModelSettings(arch=arch, device="cpu"), max_batch_size=1)
-    model, size, version = runner.model, runner.description.input_size, runner.description.version
-    if input_size is not None:
-        size = (input_size, input_size)
-    return model, size, version  # eval mode, float32, channels-last: the runner's defaults
+    model, meta = load_model(ModelSettings(arch=arch, device="cpu"))
+    model = model.to(memory_format=torch.channels_last)
+    size = (input_size, input_size) if input_size is not None else tuple(meta.input_size)
+    return model, size, meta.version
 
 
 @dataclass
@@ -162,19 +163,30 @@ class CeilingMeter:
         return ceiling
 
 
+def resolve_backend(backend: str, input_size: tuple[int, int]) -> str:
+    """``backend``, or for ``auto`` the one the server tries first on this CPU."""
+    from server.backends import AUTO
+    from server.backends.auto import auto_backend
+    from server.backends.base import BackendTarget
+
+    if backend != AUTO:
+        return backend
+    return auto_backend(BackendTarget(torch.device("cpu"), torch.float32, input_size))
+
+
 def backend_callable(model, backend: str, input_size: tuple[int, int]):
-    """What the ceiling times: the module itself, or the server's backend built from it."""
+    """What the ceiling times: the module itself, or the server's backend built from it (``backend`` a
+    registered name, not auto: see resolve_backend), with the server's default artefact cache, so
+    that an export or a compilation made here is not made again by the servers the bench starts."""
     if backend == "eager":
         return model
     from server.backends import create_backend  # the server's own code path, so the ceiling is its
+    from server.backends.base import BackendTarget
+    from server.backends.cache import ArtefactCache
+    from server.config import default_cache_dir
 
-    configure_threads()
-    built = create_backend(
-        backend,
-        lambda: model,
-        device=torch.device("cpu"),
-        dtype=torch.float32,
-        input_size=input_size,
-        threads=torch.get_num_threads(),
-    )
+    threads = configure_threads()
+    cache = ArtefactCache(default_cache_dir())
+    target = BackendTarget(torch.device("cpu"), torch.float32, input_size, threads, cache)
+    built = create_backend(backend, model, target)
     return lambda x: built.run(x, None)[0]

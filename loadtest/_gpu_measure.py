@@ -37,18 +37,24 @@ def measure_in_process(
     import torch
 
     from server.config import ModelSettings
-    from server.runner import BatchItem, ModelRunner, configure_malloc
+    from server.loading import load_model, resolve_device, resolve_dtype
+    from server.runner import BatchItem, ModelRunner
+    from server.tuning import configure_malloc
 
     from ._ceiling import CeilingMeter, make_inputs
 
     configure_malloc()  # as the server does
     sizes = sorted(set(ceiling_sizes) | set(attention_sizes))
     settings = ModelSettings(arch=arch, device=device, dtype=dtype)
-    runner = ModelRunner.from_settings(settings, max_batch_size=max(sizes))
-    on, input_size = runner.device, runner.description.input_size
+    on = resolve_device(settings.device)
+    model, meta = load_model(settings)
+    # Eager, so the two ceilings time the same module; the runner places it on the device (in place).
+    dtype_ = resolve_dtype(settings.dtype, on)
+    runner = ModelRunner(model, meta, device=on, dtype=dtype_, backend="eager", max_batch_size=max(sizes))
+    input_size = runner.description.input_size
 
     def forward(x: torch.Tensor) -> None:
-        runner.model(x)
+        model(x)
         if on.type == "cuda":
             torch.cuda.synchronize(on)  # the forward is asynchronous: time it to its end
 

@@ -43,8 +43,9 @@ import numpy as np
 from rich.console import Console
 
 from client import BatchingInfo, Client
+from server.backends import AUTO, backend_choices  # names only: no torch
 
-from ._ceiling import CeilingMeter, backend_callable, build_model, configure_threads
+from ._ceiling import CeilingMeter, backend_callable, build_model, configure_threads, resolve_backend
 from ._cost import cost_table, measure_cbam_cost
 from ._report import UNITS, describe_machine, evaluate_targets, plot, print_targets, results_table, verdict
 from ._served import LaunchedServer, drive_load
@@ -103,7 +104,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Before any torch work: the ceiling's threads (and the servers started from here) get the
     # server's cores, so the ceiling runs with the thread count the server will have.
     _pin(server_cpus)
-    from server.runner import batch_buckets, configure_malloc  # the server's allocator and batch sizes
+    from server.assembly import batch_buckets  # the server's batch sizes and allocator
+    from server.tuning import configure_malloc
 
     configure_malloc()
     configure_threads()  # before describing the machine, so it reports the threads the ceiling uses
@@ -118,6 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     explicit = [size for size in settings if size is not None]
     ceiling_seconds = args.ceiling_seconds if args.ceiling_seconds is not None else preset["ceiling_seconds"]
     ceiling_sizes = set(batch_buckets(max([*explicit, 32]))) | set(explicit)
+    args.backend = resolve_backend(args.backend, input_size)  # auto: what the server tries first here
     runnable = backend_callable(model, args.backend, input_size)
     meter = CeilingMeter(runnable, input_size, ceiling_sizes, ceiling_seconds)
     console.print(f"ceiling round: {args.arch or 'default model'} in-process ...", highlight=False)
@@ -186,6 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "version": version,
             "input_size": list(input_size),
             "num_parameters": num_parameters,
+            "backend": args.backend,
         },
         "load": {
             "payload": f"uint8 tensor {input_size[0]}x{input_size[1]}x3 (random pixels)"
@@ -223,6 +227,7 @@ def _cbam_cost(args: argparse.Namespace, machine: dict, console: Console) -> int
         sizes = _int_list(args.cost_batch_sizes, "--cost-batch-sizes")
     except ValueError as exc:
         raise SystemExit(f"cbam-bench: {exc}") from None
+    args.backend = resolve_backend(args.backend, (224, 224))
     cost = measure_cbam_cost(
         args.backend,
         sizes,
@@ -259,6 +264,7 @@ def _tracing_cost(
     _, input_size, _ = build_model(args.arch, args.input_size)
     image = np.random.default_rng(0).integers(0, 256, (*input_size, 3), dtype=np.uint8)
     payload = image if args.payload == "tensor" else _png(image)
+    args.backend = resolve_backend(args.backend, input_size)  # by name: a baseline checkout may predate auto
     flags = (["--arch", args.arch] if args.arch else []) + ["--model.backend", args.backend, *args.server_arg]
     cost = measure_tracing_cost(
         payload,
@@ -360,9 +366,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--backend",
-        choices=("eager", "compile", "onnxruntime"),
-        default="eager",
-        help="model.backend of the servers, and what the ceiling runs (default eager)",
+        choices=backend_choices(),
+        default=AUTO,
+        help="model.backend of the servers, and what the ceiling runs (default auto: the one the server "
+        "tries first on this machine, named in the report)",
     )
     parser.add_argument(
         "--server-cpus",

@@ -32,6 +32,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 # No torch at import: the load-generator processes spawned from here import this module again.
+from server.backends import list_backends  # names only: no torch
+
 from ._cuda_tests import check_tests, run_cuda_tests, tests_line
 from ._environment import describe_environment, no_cuda
 from ._gpu_measure import measure_in_process, release_device_memory, serve_and_load
@@ -409,7 +411,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--dtypes", help="comma-separated, the target's first (default float16,bfloat16,float32)"
     )
-    parser.add_argument("--backends", help="comma-separated subset of eager,onnxruntime,compile")
+    parser.add_argument("--backends", help=f"comma-separated subset of {','.join(list_backends())}")
     parser.add_argument("--concurrency", help="comma-separated (default 1,32,128)")
     parser.add_argument("--duration", type=float, help="measuring window per load point, seconds")
     parser.add_argument("--load-processes", type=int, help="load-generator processes (default 4)")
@@ -418,7 +420,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-_CHOICES = {"dtypes": ("float32", "float16", "bfloat16"), "backends": ("eager", "onnxruntime", "compile")}
+_CHOICES = {"dtypes": ("float32", "float16", "bfloat16"), "backends": tuple(list_backends())}
 
 
 def _plan(args: argparse.Namespace) -> Plan:

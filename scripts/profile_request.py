@@ -36,12 +36,16 @@ from PIL import Image
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "proto")]
 
 from loadtest._served import LaunchedServer, drive_load  # noqa: E402
+from server.assembly import BatchAssembler  # noqa: E402
+from server.backends import AUTO, backend_choices  # noqa: E402
 from server.config import ModelSettings  # noqa: E402
 from server.pipeline import Prediction, Timings  # noqa: E402
-from server.postprocess import AttentionFormat, AttentionKind, AttentionQuery, encode_attention, top_k  # noqa: E402
-from server.preprocess import ImageSpec, RawTensor, decode_image, load_pixels, preprocess  # noqa: E402
-from server.runner import BatchItem, ModelRunner, configure_torch_threads  # noqa: E402
+from server.postprocess import AttentionFormat, AttentionKind, AttentionQuery, encode_attention  # noqa: E402
+from server.preprocess import ImageSpec, RawTensor, decode_image, load_pixels  # noqa: E402
+from server.runner import BatchItem, ModelRunner  # noqa: E402
 from server.service import to_response  # noqa: E402
+from server.tuning import configure_torch_threads  # noqa: E402
+from tests.reference import preprocess, top_k  # noqa: E402  (the plain float32 path, for comparison)
 
 
 def timed(fn, repeats: int, clock=time.perf_counter) -> float:
@@ -93,12 +97,13 @@ def in_process(args: argparse.Namespace) -> dict[str, float]:
     r["uint8 tensor: load_pixels (uint8)"] = timed(lambda: load_pixels(raw, spec), args.repeats, thread)
     floats = [preprocess(raw, spec) for _ in range(args.batch)]
     items = [BatchItem(load_pixels(raw, spec)) for _ in range(args.batch)]
+    assembler = BatchAssembler(d.input_size, d.mean, d.std, rows=args.batch)  # as the runner's, on the CPU
     with torch.inference_mode():
         r[f"batch of {args.batch}: torch.stack of float32 + channels-last copy"] = timed(
             lambda: torch.stack(floats).contiguous(memory_format=torch.channels_last), args.repeats
         )
         r[f"batch of {args.batch}: fused normalise into the preallocated batch"] = timed(
-            lambda: runner.assemble(items), args.repeats
+            lambda: assembler.assemble([item.tensor for item in items]), args.repeats
         )
     r[f"run_batch, batch 1 ({d.backend})"] = timed(lambda: runner.run_batch(items[:1]), args.repeats)
     r[f"run_batch, batch {args.batch} ({d.backend})"] = timed(lambda: runner.run_batch(items), args.repeats)
@@ -184,7 +189,7 @@ def main() -> None:
     parser.add_argument(
         "--arch", help="a registered architecture (random weights); default: the default model"
     )
-    parser.add_argument("--backend", default="eager", choices=("eager", "compile", "onnxruntime"))
+    parser.add_argument("--backend", default=AUTO, choices=backend_choices())
     parser.add_argument("--batch", type=int, default=8, help="the batch size of the batched stages")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--saturation", type=int, default=32, help="concurrency of the saturated window")

@@ -28,9 +28,10 @@ from server.interceptors import TelemetryInterceptor
 from server.logs import include_trace_ids
 from server.metrics import MetricsEndpoint, ServerMetrics
 from server.pipeline import InferencePipeline
-from server.runner import ModelDescription, ModelRunner, configure_malloc, configure_torch_threads
+from server.runner import ModelDescription, ModelRunner
 from server.service import InferenceServicer, ParseRequests
 from server.tracing import Tracing
+from server.tuning import configure_malloc, configure_torch_threads
 
 __all__ = ["InferenceServer", "build_server", "plaintext_warning", "serve"]
 
@@ -147,7 +148,7 @@ def build_server(settings: Settings, *, runner: ModelRunner | None = None) -> tu
     if settings.debug.fail_batch_on_sigusr1:
         asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, runner.fail_next_forward)
     d = runner.description
-    metrics.describe_model(arch=d.arch, version=d.version, device=d.device, dtype=d.dtype)
+    metrics.describe_model(arch=d.arch, version=d.version, device=d.device, dtype=d.dtype, backend=d.backend)
     if runner.device.type == "cuda":
         device = runner.device
         metrics.watch_cuda_memory(
@@ -229,6 +230,7 @@ def _model_info(d: ModelDescription, settings: Settings) -> pb.ModelInfo:
         std=d.std,
         device=d.device,
         dtype=d.dtype,
+        backend=d.backend,
         attention_blocks=d.attention_blocks,
         batching=pb.BatchingInfo(
             max_batch_size=settings.batching.max_batch_size,

@@ -30,6 +30,8 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from server.backends import AUTO, backend_choices, describe_backends
+
 __all__ = [
     "Auth",
     "Batching",
@@ -41,12 +43,22 @@ __all__ = [
     "Settings",
     "Tls",
     "Tracing",
+    "default_cache_dir",
     "load_settings",
     "read_config_file",
     "usable_cores",
 ]
 
 _DEVICE_PATTERN = r"^(auto|cpu|cuda(:\d+)?|mps)$"
+# The registered backends, read from server/backends (which imports no torch), and "auto".
+BackendName = Literal[backend_choices()]  # type: ignore[valid-type]
+
+
+def default_cache_dir() -> Path:
+    """$XDG_CACHE_HOME/cbam-serve, or ~/.cache/cbam-serve: the XDG convention, read from the environment
+    as it prescribes (the one variable outside CBAM_* that the settings read)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "cbam-serve"
 
 
 class _Group(BaseModel):
@@ -76,11 +88,25 @@ class ModelSettings(_Group):
         "float32", description="Compute dtype; float16 needs CUDA, bfloat16 runs on CUDA and CPU."
     )
     channels_last: bool = Field(True, description="Run convolutions on channels-last (NHWC) memory.")
-    backend: Literal["eager", "compile", "onnxruntime"] = Field(
-        "eager",
-        description="How batches run: eager PyTorch; compile (torch.compile, one graph per batch bucket, "
-        "slow start); onnxruntime (exported ONNX graph; needs the onnx extra, float32 only).",
+    backend: BackendName = Field(
+        AUTO,
+        description="How batches run: auto (the fastest measured for the device among those installed: "
+        "onnxruntime on a CPU, else eager; falls back to eager if it fails its check); "
+        f"{describe_backends()}.",
     )
+    cache_dir: Path | None = Field(
+        default_factory=default_cache_dir,
+        description="Where built backends are kept between starts (exported ONNX files, Inductor's "
+        "compiled kernels), made if missing; default $XDG_CACHE_HOME/cbam-serve or ~/.cache/cbam-serve. "
+        "Empty turns the cache off; one that cannot be written serves without it (logged).",
+    )
+
+    @field_validator("cache_dir", mode="before")
+    @classmethod
+    def _empty_is_off(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return Path(value).expanduser() if value.strip() else None
+        return value
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSettings:

@@ -98,8 +98,10 @@ class ServerMetrics:
         for reason in DROP_REASONS:
             self.dropped.labels(reason)
 
-    def describe_model(self, *, arch: str, version: str, device: str, dtype: str) -> None:
-        self.model_info.info({"arch": arch, "version": version, "device": device, "dtype": dtype})
+    def describe_model(self, *, arch: str, version: str, device: str, dtype: str, backend: str) -> None:
+        self.model_info.info(
+            {"arch": arch, "version": version, "device": device, "dtype": dtype, "backend": backend}
+        )
 
     def watch_cuda_memory(
         self, device: str, allocated: Callable[[], float], reserved: Callable[[], float]

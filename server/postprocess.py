@@ -21,7 +21,6 @@ __all__ = [
     "EncodedMap",
     "LabelScore",
     "encode_attention",
-    "top_k",
     "top_k_rows",
 ]
 
@@ -78,13 +77,9 @@ class EncodedMap:
     data: bytes
 
 
-def top_k(logits: torch.Tensor, labels: Sequence[str], k: int) -> list[LabelScore]:
-    """Softmax over one row of logits and the ``k`` most probable labels, most probable first."""
-    return top_k_rows(logits[None], labels, [k])[0]
-
-
 def top_k_rows(logits: torch.Tensor, labels: Sequence[str], ks: Sequence[int]) -> list[list[LabelScore]]:
-    """``top_k`` for every row of a B x classes batch at once, row i keeping its ``ks[i]`` best.
+    """Softmax and the most probable labels of every row of a B x classes batch, row i keeping its
+    ``ks[i]`` best, most probable first.
 
     One softmax and one topk for the whole batch: per row, two torch calls cost more than the
     rest of a small request's postprocessing together.

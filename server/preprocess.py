@@ -5,7 +5,7 @@ request. Every check says which field was wrong, what it got and what is allowed
 
 ``load_pixels`` is the served path: decode (JPEG at a reduced size when the image is larger than the
 model's input, Pillow's draft mode), validate, resize once, and hand over uint8 pixels; the runner
-normalises them in the batch. ``preprocess`` is the reference that returns the normalised tensor.
+normalises them in the batch. (The plain float32 reference it is tested against is tests/reference.py.)
 """
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ __all__ = [
     "decode_image",
     "is_ready_pixels",
     "load_pixels",
-    "preprocess",
     "tensor_from_raw",
 ]
 
@@ -66,23 +65,6 @@ class ImageSpec:
     max_pixels: int
 
 
-def preprocess(source: bytes | RawTensor, spec: ImageSpec) -> torch.Tensor:
-    """Decode, validate, resize and normalise one image into a float32 3 x H x W tensor."""
-    if isinstance(source, RawTensor):
-        pixels = tensor_from_raw(source, spec.max_pixels)
-    else:
-        pixels = decode_image(source, spec.max_pixels)
-    mean = np.asarray(spec.mean, dtype=np.float32)
-    std = np.asarray(spec.std, dtype=np.float32)
-    if isinstance(pixels, Image.Image):
-        height, width = spec.input_size
-        if pixels.size != (width, height):
-            pixels = pixels.resize((width, height), Image.Resampling.BILINEAR)
-        array = (np.asarray(pixels, dtype=np.float32) / 255.0 - mean) / std  # H x W x 3
-        return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
-    return _normalise(_resize_tensor(pixels, spec.input_size), spec)
-
-
 def _normalise(x: torch.Tensor, spec: ImageSpec) -> torch.Tensor:
     mean = torch.tensor(spec.mean, dtype=torch.float32).view(3, 1, 1)
     std = torch.tensor(spec.std, dtype=torch.float32).view(3, 1, 1)
@@ -101,8 +83,7 @@ def is_ready_pixels(source: bytes | RawTensor, spec: ImageSpec) -> bool:
 
 def load_pixels(source: bytes | RawTensor, spec: ImageSpec) -> torch.Tensor:
     """Decode, validate and resize one image: uint8 H x W x 3 pixels at the model's input size, for the
-    runner to normalise in the batch. A float32 tensor comes back normalised (float32 3 x H x W), as
-    ``preprocess`` makes it."""
+    runner to normalise in the batch. A float32 tensor comes back resized and normalised (3 x H x W)."""
     height, width = spec.input_size
     if is_ready_pixels(source, spec):
         # Check the length and copy once (no PIL round trip, which made three copies of the pixels:

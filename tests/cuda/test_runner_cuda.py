@@ -13,6 +13,7 @@ import logging
 import pytest
 import torch
 
+from server.assembly import BatchAssembler
 from server.config import ModelSettings
 from server.errors import OutOfMemory
 from server.preprocess import ImageSpec, load_pixels
@@ -27,6 +28,7 @@ RELATIVE_ERROR = {"float32": 3e-3, "float16": 1e-2, "bfloat16": 3e-2}
 
 
 def _runner(device: str, max_batch_size: int = 32, **settings) -> ModelRunner:
+    settings.setdefault("backend", "eager")  # the reference, unless a test asks for another
     return ModelRunner.from_settings(ModelSettings(device=device, **settings), max_batch_size=max_batch_size)
 
 
@@ -77,20 +79,24 @@ def test_cbam_resnet50_in_half_precision_stays_near_float32(dtype) -> None:
 
 
 def test_uint8_pixels_are_normalised_on_the_device_as_on_the_host(cpu) -> None:
-    gpu = _runner("cuda")
-    pixels = _pixels(8, gpu)
-    ready = cpu.assemble([BatchItem(pixels[7])])[0].clone()  # a normalised float32 3 x H x W tensor
+    d = cpu.description
+    # As each runner makes its own: on CUDA, staged through pinned memory and normalised on the device.
+    gpu, host = (
+        BatchAssembler(d.input_size, d.mean, d.std, device=torch.device(name)) for name in ("cuda", "cpu")
+    )
+    pixels = _pixels(8, cpu)
+    ready = host.assemble([pixels[7]])[0].clone()  # a normalised float32 3 x H x W tensor
     batches = {
-        "one image": [BatchItem(pixels[0])],
-        "a whole uint8 batch": [BatchItem(p) for p in pixels],
-        "pixels and a ready tensor": [BatchItem(pixels[0]), BatchItem(ready), BatchItem(pixels[1])],
+        "one image": [pixels[0]],
+        "a whole uint8 batch": list(pixels),
+        "pixels and a ready tensor": [pixels[0], ready, pixels[1]],
     }
-    for name, items in batches.items():
+    for name, images in batches.items():
         with torch.inference_mode():
-            on_device = gpu.assemble(items)
+            on_device = gpu.assemble(images)
             assert on_device.device.type == "cuda", name
             on_device = on_device.cpu()
-            on_host = cpu.assemble(items).clone()
+            on_host = host.assemble(images).clone()
         torch.testing.assert_close(on_device, on_host, rtol=0, atol=1e-5, msg=name)
 
 
@@ -107,7 +113,7 @@ def test_batches_back_to_back_never_mix_their_pixels(cpu) -> None:
 @pytest.mark.filterwarnings("ignore:TensorFloat32 tensor cores:UserWarning")
 def test_compiled_buckets_replay_as_cuda_graphs_with_eager_answers() -> None:
     compiled = _runner("cuda", max_batch_size=4, backend="compile")
-    compiled.warm_up([1, 2, 4])  # compiles and captures buckets 1, 2, 4, and checks them against eager
+    compiled.warm_up([1, 2, 4])  # compiles and captures buckets 1, 2, 4 (checked against eager when built)
     eager = _runner("cuda", max_batch_size=4)
     assert compiled.description.backend == "compile"
     for seed, n in enumerate([3, 4, 1, 3]):  # 3 is padded to bucket 4; replays get fresh pixels

@@ -7,6 +7,7 @@ import pytest
 
 from cbam.v1 import inference_pb2 as pb
 from cbam.v1 import inference_pb2_grpc
+from server.backends import list_backends
 from tests.support import ServerProcess, scrape
 
 
@@ -56,4 +57,5 @@ def test_counters_and_histograms_count_exactly(samples) -> None:
         assert value("cbam_dropped_requests_total", reason=reason) == 0
     info = next(labels for (name, labels) in m if name == "cbam_model_info")
     assert dict(info) == {"arch": "cbam_resnet8_cifar", "version": dict(info)["version"], "device": "cpu",
-                          "dtype": "float32"}  # fmt: skip
+                          "dtype": "float32", "backend": dict(info)["backend"]}  # fmt: skip
+    assert dict(info)["backend"] in list_backends()

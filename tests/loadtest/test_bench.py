@@ -114,7 +114,8 @@ def test_usage_errors_exit_2(argv, capsys):
 
 def test_cbam_cost_times_both_models_and_judges_the_target(tmp_path):
     out = tmp_path / "cost.json"
-    done = bench("--cbam-cost", "--cost-batch-sizes", "1,2", "--cost-rounds", "2", "--json", str(out))
+    cost_args = ["--backend", "eager", "--cost-batch-sizes", "1,2", "--cost-rounds", "2"]
+    done = bench("--cbam-cost", *cost_args, "--json", str(out))
     assert done.returncode == 0, done.stderr
     cost = json.loads(out.read_text())["cbam_cost"]
     assert cost["backend"] == "eager" and cost["input_size"] == [224, 224] and cost["rounds"] == 2

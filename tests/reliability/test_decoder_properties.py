@@ -18,7 +18,8 @@ from PIL import Image
 
 from server.config import Limits, load_settings
 from server.errors import InvalidInput, TooLarge
-from server.preprocess import ImageSpec, RawTensor, decode_image, preprocess, tensor_from_raw
+from server.preprocess import ImageSpec, RawTensor, decode_image, tensor_from_raw
+from tests.reference import preprocess
 from tests.reliability import corpus
 
 LIMIT = 4096  # pixels: small, so that the strategies below cross it often

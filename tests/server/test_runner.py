@@ -8,12 +8,20 @@ import torch
 
 from server.config import ModelSettings
 from server.errors import OutOfMemory, StartupError
-from server.runner import BatchItem, ModelRunner, resolve_device, warm_up_sizes
+from server.loading import load_model, resolve_device
+from server.runner import BatchItem, ModelRunner, warm_up_sizes
 
 
 @pytest.fixture(scope="module")
-def runner() -> ModelRunner:
-    return ModelRunner.from_settings(ModelSettings())
+def served() -> tuple[ModelRunner, torch.nn.Module]:
+    """The default model served eagerly, and the module it calls (for tests to watch or break)."""
+    model, meta = load_model(ModelSettings())
+    return ModelRunner(model, meta, backend="eager"), model
+
+
+@pytest.fixture(scope="module")
+def runner(served) -> ModelRunner:
+    return served[0]
 
 
 def _images(n: int, runner: ModelRunner) -> list[torch.Tensor]:
@@ -36,16 +44,17 @@ def test_batched_equals_unbatched(runner: ModelRunner) -> None:
         assert out.maps == {}
 
 
-def test_maps_only_when_asked_and_only_the_blocks_asked(runner: ModelRunner, monkeypatch) -> None:
+def test_maps_only_when_asked_and_only_the_blocks_asked(served, monkeypatch) -> None:
+    runner, model = served
     blocks = runner.description.attention_blocks
     calls: list[object] = []
-    original = runner.model.forward_with_attention
+    original = model.forward_with_attention
 
     def spy(x, blocks=None):
         calls.append(blocks)
         return original(x, blocks=blocks)
 
-    monkeypatch.setattr(runner.model, "forward_with_attention", spy)
+    monkeypatch.setattr(model, "forward_with_attention", spy)
     images = _images(3, runner)
     runner.run_batch([BatchItem(x) for x in images])
     assert calls == []  # nobody asked: the plain forward
@@ -67,18 +76,19 @@ def test_maps_only_when_asked_and_only_the_blocks_asked(runner: ModelRunner, mon
 
 
 def test_channels_last_does_not_change_results() -> None:
-    a = ModelRunner.from_settings(ModelSettings(channels_last=True))
-    b = ModelRunner.from_settings(ModelSettings(channels_last=False))
+    a = ModelRunner.from_settings(ModelSettings(channels_last=True, backend="eager"))
+    b = ModelRunner.from_settings(ModelSettings(channels_last=False, backend="eager"))
     images = [BatchItem(x) for x in _images(4, a)]
     for x, y in zip(a.run_batch(images), b.run_batch(images), strict=True):
         torch.testing.assert_close(x.logits, y.logits, atol=1e-4, rtol=1e-4)
 
 
 def test_random_weights_for_an_architecture() -> None:
-    r = ModelRunner.from_settings(ModelSettings(arch="cbam_resnet8_cifar", num_classes=7))
+    settings = ModelSettings(arch="cbam_resnet8_cifar", num_classes=7, backend="eager")
+    r = ModelRunner.from_settings(settings)
     assert r.description.labels == tuple(f"class_{i}" for i in range(7))
     assert r.description.input_size == (32, 32) and r.description.mean == (0.485, 0.456, 0.406)
-    again = ModelRunner.from_settings(ModelSettings(arch="cbam_resnet8_cifar", num_classes=7))
+    again = ModelRunner.from_settings(settings)
     x = [BatchItem(t) for t in _images(1, r)]
     torch.testing.assert_close(
         r.run_batch(x)[0].logits, again.run_batch(x)[0].logits
@@ -118,11 +128,12 @@ def test_warm_up_sizes() -> None:
     assert warm_up_sizes(12) == [1, 2, 4, 8, 12]
 
 
-def test_out_of_memory_splits_the_batch_until_it_fits(runner: ModelRunner, monkeypatch) -> None:
+def test_out_of_memory_splits_the_batch_until_it_fits(served, monkeypatch) -> None:
+    runner, model = served
     images = [BatchItem(x) for x in _images(8, runner)]
     expected = runner.run_batch(images)
     sizes: list[int] = []
-    forward = runner.model.forward
+    forward = model.forward
 
     def tight(x):
         sizes.append(x.shape[0])
@@ -130,17 +141,19 @@ def test_out_of_memory_splits_the_batch_until_it_fits(runner: ModelRunner, monke
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (pretend)")
         return forward(x)
 
-    monkeypatch.setattr(runner.model, "forward", tight)
+    monkeypatch.setattr(model, "forward", tight)
     got = runner.run_batch(images)
     assert sizes == [8, 4, 2, 2, 4, 2, 2]
     for a, b in zip(expected, got, strict=True):
         torch.testing.assert_close(a.logits, b.logits, atol=1e-4, rtol=1e-4)
 
 
-def test_out_of_memory_for_one_image_is_an_error_of_its_own(runner: ModelRunner, monkeypatch) -> None:
+def test_out_of_memory_for_one_image_is_an_error_of_its_own(served, monkeypatch) -> None:
+    runner, model = served
+
     def full(x):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory (pretend)")
 
-    monkeypatch.setattr(runner.model, "forward", full)
+    monkeypatch.setattr(model, "forward", full)
     with pytest.raises(OutOfMemory, match="out of memory"):
         runner.run_batch([BatchItem(x) for x in _images(2, runner)])
