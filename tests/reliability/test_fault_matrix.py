@@ -64,17 +64,17 @@ async def _run(name: str, service, **kwargs) -> FaultResult:
 
 async def test_sigterm_under_load_answers_or_refuses_every_call_and_cancels_none(service):
     result = await _run("sigterm", service)
-    assert result.evidence["exit_code"] == 0 and result.evidence["drained"]
+    assert result.evidence["exit_code"] == 0 and result.evidence["drained"], result.evidence
     for population, t in result.tallies.items():
         assert t.lost == 0 and not NEVER & set(t.codes), (population, t.codes)
     # The drain and the restart refused calls (retryable): the refusal path was covered.
-    assert result.tallies[RETRIES_OFF].refused > 0
+    assert result.tallies[RETRIES_OFF].refused > 0, result.tallies
 
 
 async def test_sigkill_loses_at_most_the_calls_in_flight_and_none_with_retries(service):
     result = await _run("sigkill", service)
-    assert result.evidence["exit_code"] == -9
-    assert result.tallies[RETRIES_ON].lost == 0
+    assert result.evidence["exit_code"] == -9, result.evidence
+    assert result.tallies[RETRIES_ON].lost == 0, result.lost_examples
     assert result.tallies[RETRIES_OFF].lost <= result.allowed_lost[RETRIES_OFF]
     assert not NEVER & set(result.tallies[RETRIES_ON].codes)
 
