@@ -22,7 +22,7 @@ from ._figures import attention_figure
 from ._images import ImageInput
 from ._retry import RetryPolicy
 from ._sync import Client
-from ._types import BatchingInfo, LabelScore, ModelInfo, Prediction, StreamResult, Timings
+from ._types import BatchingInfo, LabelScore, ModelInfo, Prediction, StreamResult, Timings, WorkerInfo
 
 __all__ = [
     "AsyncClient",
@@ -42,6 +42,7 @@ __all__ = [
     "Timings",
     "TlsConfig",
     "UnavailableError",
+    "WorkerInfo",
     "attention_figure",
     "build_target",
 ]

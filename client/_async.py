@@ -49,8 +49,9 @@ class AsyncClient(ClientBase):
         await self.close()
 
     async def close(self) -> None:
-        """Close the channel; calls in flight are cancelled."""
-        await self._channel.close()
+        """Close the connections; calls in flight are cancelled."""
+        for channel in self._channels:
+            await channel.close()
 
     async def classify(
         self,

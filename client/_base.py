@@ -3,6 +3,7 @@ they share is in _stream.py)."""
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -91,9 +92,12 @@ class ClientBase:
         max_message_bytes: int = 64 * 1024 * 1024,
         keepalive_seconds: float | None = None,
         options: Sequence[tuple[str, object]] = (),
+        connections: int = 1,
     ) -> None:
         if timeout is not None and timeout <= 0:
             raise ValueError(f"timeout should be > 0 seconds or None, got {timeout}")
+        if connections < 1:
+            raise ValueError(f"connections should be >= 1, got {connections}")
         self.target = build_target(target)
         self.timeout = timeout
         self.retry = retry if retry is not None else RetryPolicy()
@@ -107,9 +111,27 @@ class ClientBase:
         # Sent as metadata on every call, so a token works over plaintext loopback as well as over TLS.
         self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
         credentials = tls.credentials() if tls is not None else None
-        self._channel = self._open_channel(self.target, self._settings.options(), credentials)
-        self._stub = inference_pb2_grpc.InferenceServiceStub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._channel)
+        options = self._settings.options()
+        if connections > 1:
+            # Without a subchannel pool of its own, every channel to one address would share one
+            # connection: gRPC pools subchannels process-wide by address and arguments.
+            options.append(("grpc.use_local_subchannel_pool", 1))
+        self._channels = [self._open_channel(self.target, options, credentials) for _ in range(connections)]
+        self._stubs = itertools.cycle(
+            [
+                (inference_pb2_grpc.InferenceServiceStub(channel), health_pb2_grpc.HealthStub(channel))
+                for channel in self._channels
+            ]
+        )
+
+    @property
+    def _stub(self) -> inference_pb2_grpc.InferenceServiceStub:
+        """The next connection's stub: calls take the connections in turn."""
+        return next(self._stubs)[0]
+
+    @property
+    def _health(self) -> health_pb2_grpc.HealthStub:
+        return next(self._stubs)[1]
 
     @staticmethod
     def _open_channel(target: str, options: list, credentials: grpc.ChannelCredentials | None):

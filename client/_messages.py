@@ -12,7 +12,7 @@ from PIL import Image
 from cbam.v1 import inference_pb2
 
 from ._images import ImageInput, set_image
-from ._types import BatchingInfo, LabelScore, ModelInfo, Prediction, Timings
+from ._types import BatchingInfo, LabelScore, ModelInfo, Prediction, Timings, WorkerInfo
 
 __all__ = [
     "AttentionArg",
@@ -126,4 +126,6 @@ def to_model_info(message: inference_pb2.ModelInfo) -> ModelInfo:
         max_image_pixels=message.max_image_pixels,
         max_message_bytes=message.max_message_bytes,
         max_batch_items=message.max_batch_items,
+        workers=tuple(WorkerInfo(w.index, w.pid, w.ready, w.restarts) for w in message.workers),
+        worker=message.worker,
     )

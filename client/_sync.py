@@ -31,6 +31,9 @@ class Client(ClientBase):
     comma-separated) to balance over with round_robin. `timeout` is the default deadline of unary calls in
     seconds (streams have none unless given). Calls failing with UNAVAILABLE or RESOURCE_EXHAUSTED are
     retried as `retry` says. `token` is sent as "authorization: Bearer <token>"; `tls` turns on TLS.
+    `connections` opens that many connections (to each address) and sends calls over them in turn: a
+    connection reaches one worker of a cbam-serve with several (the kernel picks which), so a client that
+    alone should keep them all busy needs several connections; a stream stays on one.
     """
 
     @staticmethod
@@ -46,8 +49,9 @@ class Client(ClientBase):
         self.close()
 
     def close(self) -> None:
-        """Close the channel; calls in flight are cancelled."""
-        self._channel.close()
+        """Close the connections; calls in flight are cancelled."""
+        for channel in self._channels:
+            channel.close()
 
     def classify(
         self,

@@ -82,6 +82,16 @@ class BatchingInfo:
 
 
 @dataclass(frozen=True)
+class WorkerInfo:
+    """One server process behind the address (cbam-serve --workers)."""
+
+    index: int
+    pid: int
+    ready: bool  # warmed up and taking calls
+    restarts: int  # times restarted after it died
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     """What the server is serving."""
 
@@ -99,3 +109,5 @@ class ModelInfo:
     max_image_pixels: int
     max_message_bytes: int
     max_batch_items: int = 0  # most images in one classify_batch call (0: a server from before it)
+    workers: tuple[WorkerInfo, ...] = ()  # every worker process (empty: a server from before them)
+    worker: int = 0  # the index of the worker that answered

@@ -27,7 +27,7 @@ from ._errors import CbamError
 from ._figures import FIGURE_FORMATS, colormap, save_attention_pictures
 from ._gallery import GalleryRow, write_gallery
 from ._sync import Client
-from ._types import StreamResult
+from ._types import ModelInfo, StreamResult
 
 __all__ = ["main"]
 
@@ -324,11 +324,23 @@ def _info(client: Client, args: argparse.Namespace, parser: argparse.ArgumentPar
         f"max_batch_delay_ms {info.batching.max_batch_delay_ms:g}, max_queue {info.batching.max_queue}",
         "limits": f"max_image_pixels {info.max_image_pixels:,}, "
         f"max_message_bytes {info.max_message_bytes:,}, max_batch_items {info.max_batch_items}",
+        "workers": _workers(info),
     }
     for key, value in rows.items():
         table.add_row(key, value)
     Console().print(table)
     return EXIT_OK
+
+
+def _workers(info: ModelInfo) -> str:
+    """"2, this answer from worker 1; pids 4101, 4102" (and any not ready or restarted)."""
+    if not info.workers:
+        return "not reported (a server from before workers)"
+    notes = [f"{len(info.workers)}, this answer from worker {info.worker}"]
+    notes.append("pids " + ", ".join(str(w.pid) if w.pid else "-" for w in info.workers))
+    notes += [f"worker {w.index} not ready" for w in info.workers if not w.ready]
+    notes += [f"worker {w.index} restarted {w.restarts}x" for w in info.workers if w.restarts]
+    return "; ".join(notes)
 
 
 def _health(client: Client, args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

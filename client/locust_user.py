@@ -10,6 +10,8 @@ beside Locust's own --host (HOST:PORT, grpc:// optional):
     --cbam-batch-share       share of tasks that send one ClassifyBatch call instead, 0..1 (default 0)
     --cbam-batch-size N      images per ClassifyBatch call (default 8)
     --cbam-top-k K, --cbam-timeout SECONDS, --cbam-token TOKEN, --cbam-tls-ca PEM
+    --cbam-requests N        stop the run once N requests were recorded (default 0: only --run-time
+                             stops it); a run bounded by work done, however fast the machine is
     (or the environment: CBAM_LOCUST_IMAGES, CBAM_LOCUST_ATTENTION_SHARE, ...)
 
 Each Classify is one Locust request named "Classify" (or "Classify+attention"); each image of a stream is
@@ -27,6 +29,9 @@ from pathlib import Path
 # Locust has patched the standard library with gevent on import; gRPC must be told before any channel.
 from locust import User, events, task  # isort: skip
 import grpc.experimental.gevent as grpc_gevent  # isort: skip
+import gevent  # isort: skip
+from locust.runners import WorkerRunner  # isort: skip
+from locust.stats import CSV_STATS_INTERVAL_SEC  # isort: skip
 
 grpc_gevent.init_gevent()
 
@@ -72,6 +77,7 @@ _ARGUMENTS = [
     ("--cbam-timeout", float, 10.0, "Deadline of each call, in seconds"),
     ("--cbam-token", str, "", "Bearer token, if the server asks for one"),
     ("--cbam-tls-ca", str, "", "Root CA (PEM) to turn on TLS"),
+    ("--cbam-requests", int, 0, "Stop the run once this many requests were recorded (0: no limit)"),
 ]
 
 
@@ -81,6 +87,31 @@ def _add_arguments(parser) -> None:
     for flag, kind, default, text in _ARGUMENTS:
         env_var = "CBAM_LOCUST_" + flag.removeprefix("--cbam-").replace("-", "_").upper()
         group.add_argument(flag, type=kind, default=default, env_var=env_var, help=text)
+
+
+@events.test_start.add_listener
+def _stop_after_requests(environment, **_kwargs) -> None:
+    """With --cbam-requests N, end the run (as --run-time would) once N requests are in the statistics.
+    The master counts for its workers: their reports reach it every few seconds."""
+    options = environment.parsed_options
+    limit = getattr(options, "cbam_requests", 0) if options is not None else 0
+    if limit < 0:
+        raise ValueError(f"--cbam-requests should be >= 0, got {limit}")
+    if limit == 0 or isinstance(environment.runner, WorkerRunner):
+        return
+
+    def stop_when_done() -> None:
+        while environment.runner.stats.total.num_requests < limit:
+            gevent.sleep(0.1)
+        if not options.headless:
+            environment.runner.stop()
+            return
+        # Locust rewrites its --csv statistics every CSV_STATS_INTERVAL_SEC, not at exit: let it write
+        # them once more, with the N requests in, before quitting.
+        gevent.sleep(2 * CSV_STATS_INTERVAL_SEC)
+        environment.runner.quit()
+
+    gevent.spawn(stop_when_done)
 
 
 class CbamGrpcUser(User):

@@ -4,10 +4,9 @@ dtype, and one served configuration under load, with the server's CUDA memory.""
 from __future__ import annotations
 
 import time
-import urllib.request
 from typing import TYPE_CHECKING
 
-from ._served import LaunchedServer
+from server.launcher import ServerProcess, scrape
 
 if TYPE_CHECKING:  # _ceiling imports torch, which the load processes spawned by the check need not load
     from ._ceiling import Ceiling
@@ -135,16 +134,16 @@ def serve_and_load(
 
     from client import Client
 
-    server = LaunchedServer(flags, startup_timeout=startup_timeout)
-    record["flags"] = server.args[3:]
+    server = ServerProcess(*flags, startup_timeout=startup_timeout)
+    record["flags"] = server.args
     started = time.monotonic()
     try:
         server.start()
-    except RuntimeError as exc:
+    except (RuntimeError, TimeoutError) as exc:  # ServerExited is a RuntimeError
         raise RuntimeError(f"not SERVING within {startup_timeout:.0f} s, or it exited: {exc}") from None
     try:
         record["time_to_serving_s"] = time.monotonic() - started
-        with Client(server.target, timeout=60) as client:
+        with Client(server.address, timeout=60) as client:
             info = client.model_info()
         record.update(served_device=info.device, served_dtype=info.dtype)
         record["max_batch_size"] = info.batching.max_batch_size
@@ -157,13 +156,14 @@ def serve_and_load(
         rows = record["rows"] = []
         for callers in concurrency:
             result = load.drive(
-                server.target, image, concurrency=callers, seconds=duration, warmup_seconds=warmup,
+                server.address, image, concurrency=callers, seconds=duration, warmup_seconds=warmup,
                 metrics_url=server.metrics_url,
             )  # fmt: skip
             rows.append(_row(result.summary(), ceiling, record["max_batch_size"]))
         record["memory"] = read_cuda_memory(server.metrics_url)
     finally:
-        server.stop()
+        server.stop()  # SIGTERM: it drains (and is killed if it takes too long)
+        server.kill()  # whatever is left of its process group
     errors = {code: n for row in rows for code, n in row["error_codes"].items()}
     if errors:
         raise RuntimeError(f"calls failed: {errors}")
@@ -190,14 +190,9 @@ def _row(summary: dict, ceiling: Ceiling | None, max_batch_size: int) -> dict:
 def read_cuda_memory(metrics_url: str) -> dict:
     """The server's CUDA memory gauges: {labels: {allocated_bytes, reserved_bytes}}, one entry per device
     (and per worker, should workers label them)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    with urllib.request.urlopen(metrics_url, timeout=10) as response:
-        text = response.read().decode()
     memory: dict = {}
-    for family in text_string_to_metric_families(text):
-        if family.name in CUDA_GAUGES:
-            for sample in family.samples:
-                labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
-                memory.setdefault(labels, {})[family.name.removeprefix("cbam_cuda_memory_")] = sample.value
+    for (name, labels), value in scrape(metrics_url).items():
+        if name in CUDA_GAUGES:
+            key = ",".join(f"{k}={v}" for k, v in sorted(labels))
+            memory.setdefault(key, {})[name.removeprefix("cbam_cuda_memory_")] = value
     return memory

@@ -27,9 +27,9 @@ from pathlib import Path
 
 import numpy as np
 import psutil
-from prometheus_client.parser import text_string_to_metric_families
 
-from ._served import LaunchedServer
+from server.launcher import ServerProcess, scrape
+
 from ._wire import model_infer_request, predictions_request, read_fields
 
 __all__ = ["Answer", "CbamServe", "PyTriton", "Served", "TorchServe", "copy_models_package", "free_port"]
@@ -105,14 +105,15 @@ class CbamServe(Served):
     method = "/cbam.v1.InferenceService/Classify"
 
     def __init__(self, checkpoint: Path, startup_timeout: float = 900.0) -> None:
-        self._server = LaunchedServer(["--checkpoint", str(checkpoint)], startup_timeout=startup_timeout)
+        self._server = ServerProcess("--checkpoint", str(checkpoint), startup_timeout=startup_timeout)
 
     def start(self) -> None:
         self._server.start()
-        self.target = self._server.target
+        self.target = self._server.address
 
     def stop(self) -> None:
-        self._server.stop()
+        self._server.stop()  # SIGTERM: it drains (and is killed if it takes too long)
+        self._server.kill()  # whatever is left of its process group
 
     def request(self, pixels: np.ndarray) -> bytes:
         from cbam.v1 import inference_pb2
@@ -470,14 +471,11 @@ def _http_ok(url: str) -> bool:
 def _metric_sum(url: str, name: str, **labels: str) -> float:
     """The sum of a counter's samples whose labels include `labels`. The parser names every counter sample
     `..._total`, whatever the server wrote (Triton's counters have no suffix)."""
-    with urllib.request.urlopen(url, timeout=10) as response:
-        text = response.read().decode()
     wanted = name.removesuffix("_total") + "_total"
     return sum(
-        sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == wanted and all(sample.labels.get(k) == v for k, v in labels.items())
+        value
+        for (sample, sample_labels), value in scrape(url).items()
+        if sample == wanted and labels.items() <= dict(sample_labels).items()
     )
 
 

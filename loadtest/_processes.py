@@ -88,6 +88,7 @@ def merge_results(results: list[LoadResult]) -> LoadResult:
     rate = sum(r.completed_calls / r.seconds for r in results)
     if rate > 0:
         merged.seconds = merged.completed_calls / rate
-    scraped = [r.mean_batch_size_metrics for r in results if r.mean_batch_size_metrics is not None]
-    merged.mean_batch_size_metrics = scraped[0] if scraped else None
+    scraped = next((r for r in results if r.before is not None), None)  # the one that read the server
+    if scraped is not None:
+        merged.before, merged.after = scraped.before, scraped.after
     return merged

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -14,10 +15,12 @@ from ._ceiling import Ceiling, usable_cores
 
 __all__ = [
     "UNITS",
+    "compare_workers",
     "describe_machine",
     "evaluate_targets",
     "plot",
     "print_targets",
+    "print_workers_comparison",
     "results_table",
     "verdict",
 ]
@@ -30,6 +33,13 @@ UNITS = {
     "mean_batch_size": "requests per forward",
     "errors": "calls",
     "efficiency": "served throughput / ceiling throughput at mean_batch_size",
+    "worker_share": "each worker's fraction of the images answered in the window",
+    "server_cores_used": "CPU seconds of every server process (supervisor and workers) per second",
+    "server_cpu_ms_per_image": "CPU ms of every server process per image answered",
+    "forward_cpu_ms_per_image": "CPU ms of the forward threads (cbam-inference and the threads it started)",
+    "outside_forward_cpu_ms_per_image": "server_cpu_ms_per_image - forward_cpu_ms_per_image: gRPC, decoding, "
+    "batching, postprocessing; cores to feed R images/s = R * this / 1000",
+    "forward_wall_ms_per_image": "forward passes' wall time (inference stage histogram) per image",
 }
 SATURATION_TARGET = 0.90  # served / ceiling at the same batch size
 BATCH1_OVERHEAD_TARGET_MS = 2.0  # served p50 at concurrency 1 minus the raw batch-1 forward
@@ -116,7 +126,8 @@ def evaluate_targets(rows: list[dict], ceiling: Ceiling) -> dict:
 def results_table(rows: list[dict], ceiling: Ceiling) -> Table:
     table = Table(
         title=f"served vs ceiling (batch-1 forward {ceiling.latency_ms[1]:.2f} ms, {ceiling.threads} thr.)",
-        caption="batch: max_batch_size (* the server's default); c: concurrent callers; latencies in ms"
+        caption="batch: max_batch_size (* the server's default); c: concurrent callers; latencies in ms; "
+        "cpu ms/img: the server processes' CPU per image, outside fwd: of it outside the forward"
         + (
             f", per call of {rows[0]['images_per_call']} images"
             if rows and rows[0].get("images_per_call", 1) > 1
@@ -124,7 +135,8 @@ def results_table(rows: list[dict], ceiling: Ceiling) -> Table:
         )
         + "; ceiling: in-process images/s at the mean batch",
     )
-    columns = ("batch", "c", "images/s", "p50", "p95", "p99", "mean batch", "errors", "ceiling", "efficiency")
+    columns = ("batch", "c", "images/s", "p50", "p95", "p99", "mean batch", "errors", "ceiling", "efficiency",
+               "cpu ms/img", "outside fwd")  # fmt: skip
     for name in columns:
         table.add_column(name, justify="left" if name == "batch" else "right", no_wrap=True)
     for row in rows:
@@ -139,8 +151,40 @@ def results_table(rows: list[dict], ceiling: Ceiling) -> Table:
             str(row["errors"]) if not row["errors"] else f"[red]{row['errors']}[/red]",
             _number(row["ceiling_throughput"], "{:.1f}"),
             _number(row["efficiency"], "{:.0%}"),
+            _number(row.get("server_cpu_ms_per_image"), "{:.2f}"),
+            _number(row.get("outside_forward_cpu_ms_per_image"), "{:.2f}"),
         )
     return table
+
+
+def compare_workers(rows: list[dict]) -> list[dict]:
+    """Throughput of each worker count against the first one's, per batch setting and concurrency, the
+    ratio taken within each round (the two servers ran back to back) and its median over rounds."""
+    base = rows[0]["workers"] if rows else None
+    by_key: dict[tuple, dict[int, float]] = {}
+    for row in rows:
+        key = (row["max_batch_size"], row["concurrency"], row["round"])
+        by_key.setdefault(key, {})[row["workers"]] = row["throughput"]
+    comparisons: dict[tuple, list[float]] = {}
+    for (batch, c, _), by_workers in by_key.items():
+        for workers, throughput in by_workers.items():
+            if workers != base and base in by_workers:
+                comparisons.setdefault((batch, c, workers), []).append(throughput / by_workers[base])
+    return [
+        {"max_batch_size": batch, "concurrency": c, "workers": workers, "base_workers": base,
+         "ratio": statistics.median(ratios), "round_ratios": ratios}
+        for (batch, c, workers), ratios in comparisons.items()
+    ]  # fmt: skip
+
+
+def print_workers_comparison(comparisons: list[dict], console: Console) -> None:
+    for c in comparisons:
+        rounds = ", ".join(f"{r:.2f}" for r in c["round_ratios"])
+        console.print(
+            f"max_batch_size {c['max_batch_size']}, concurrency {c['concurrency']}: {c['workers']} workers / "
+            f"{c['base_workers']} = {c['ratio']:.2f}x throughput (rounds: {rounds})",
+            highlight=False,
+        )
 
 
 def _number(value: float | None, form: str) -> str:

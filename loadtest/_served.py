@@ -1,141 +1,92 @@
-"""The served side of the benchmark: cbam-serve as a subprocess, its /metrics, and the load generator."""
+"""The load generator of the benchmark, and the server's own counters it reads at a window's edges
+(/metrics, and the CPU time of its processes). The servers it starts are server.launcher.ServerProcess
+children.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import json
+import contextlib
+import math
 import os
-import subprocess
-import sys
-import threading
 import time
-import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from client import AsyncClient, CbamError, RetryPolicy
+from server.launcher import scrape
 
-__all__ = ["LaunchedServer", "LoadResult", "drive_load", "scrape_batch_size"]
+__all__ = ["LoadResult", "ServerCounters", "drive_load", "read_counters"]
 
-
-class LaunchedServer:
-    """`python -m server` on free loopback ports, started and stopped by the benchmark.
-
-    Waits for the server's JSON "serving" log line (on stderr) for its gRPC and metrics ports; the rest
-    of its log is drained in a thread so the pipe never fills, and its tail is kept for error messages.
-    """
-
-    def __init__(self, args: list[str], startup_timeout: float = 300.0, checkout: Path | None = None) -> None:
-        """``checkout``: run the server code of that source tree (a worktree of main, say), not this one."""
-        self.checkout = checkout
-        self.args = [
-            sys.executable,
-            "-m",
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--metrics.host",
-            "127.0.0.1",
-            "--metrics-port",
-            "0",
-            *args,
-        ]
-        self.startup_timeout = startup_timeout
-        self.port: int | None = None
-        self.metrics_port: int | None = None
-        self.serving: dict = {}  # the "serving" log record: backend, batching, threads, ...
-        self._tail: collections.deque[str] = collections.deque(maxlen=40)
-        self._process: subprocess.Popen | None = None
-        self._reader: threading.Thread | None = None
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def metrics_url(self) -> str:
-        return f"http://127.0.0.1:{self.metrics_port}/metrics"
-
-    @property
-    def pid(self) -> int | None:
-        return None if self._process is None else self._process.pid
-
-    def __enter__(self) -> LaunchedServer:
-        self.start()
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.stop()
-
-    def start(self) -> None:
-        env = None
-        if self.checkout is not None:  # its packages first on the path, its proto/ for the stubs
-            path = [str(self.checkout), str(self.checkout / "proto"), os.environ.get("PYTHONPATH", "")]
-            # No __pycache__ written into someone else's tree.
-            env = {
-                **os.environ,
-                "PYTHONPATH": os.pathsep.join(p for p in path if p),
-                "PYTHONDONTWRITEBYTECODE": "1",
-            }
-        self._process = subprocess.Popen(
-            self.args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-            cwd=self.checkout, env=env,
-        )  # fmt: skip
-        found = threading.Event()
-        self._reader = threading.Thread(target=self._read_log, args=(found,), daemon=True)
-        self._reader.start()
-        deadline = time.monotonic() + self.startup_timeout
-        while not found.wait(0.1):
-            if self._process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                tail = "\n".join(self._tail)
-                raise RuntimeError(f"cbam-serve did not start ({' '.join(self.args[1:])}):\n{tail}")
-
-    def _read_log(self, found: threading.Event) -> None:
-        with self._process.stderr:  # closed when the log ends: the server has exited
-            for line in self._process.stderr:
-                self._tail.append(line.rstrip())
-                if not found.is_set() and line.startswith("{"):
-                    try:
-                        record = json.loads(line)
-                    except ValueError:
-                        continue
-                    if record.get("event") == "serving":
-                        self.port, self.metrics_port = record["port"], record.get("metrics_port")
-                        self.serving = record
-                        found.set()
-
-    def stop(self) -> None:
-        if self._process is not None and self._process.poll() is None:
-            self._process.terminate()  # SIGTERM: the server drains, then exits
-            try:
-                self._process.wait(30)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait()
-        if self._reader is not None:
-            self._reader.join(10)  # it closes the log's pipe once the log ends
+# The operating-system name of the server's forward thread (server.pipeline.INFERENCE_THREAD; not
+# imported, so that measuring a server does not load it).
+INFERENCE_THREAD = "cbam-inference"
 
 
-def scrape_batch_size(url: str | None) -> tuple[float, float] | None:
-    """(sum, count) of the server's cbam_batch_size histogram, or None without a metrics URL."""
+@dataclass(frozen=True)
+class ServerCounters:
+    """The server's cumulative counters at one instant, summed over its workers: from /metrics, and from
+    /proc when its processes run on this machine (their CPU time, and that of their forward threads)."""
+
+    batch_size_sum: float
+    batches: float
+    forward_seconds: float  # cbam_stage_duration_seconds{stage="inference"}: forwards' wall time
+    images_by_worker: dict[str, float]  # images answered OK, by worker label ("" for a single process)
+    cpu_seconds: float | None = None
+    forward_cpu_seconds: float | None = None
+
+
+def read_counters(url: str | None, pids: Sequence[int] = ()) -> ServerCounters | None:
+    """The counters now, or None without a metrics URL. ``pids``: the server's processes (the supervisor
+    and every worker) whose CPU time to read."""
     if not url:
         return None
-    with urllib.request.urlopen(url, timeout=10) as response:
-        text = response.read().decode()
-    values = {}
-    for line in text.splitlines():
-        name, _, value = line.partition(" ")
-        if name in ("cbam_batch_size_sum", "cbam_batch_size_count"):
-            values[name] = float(value)
-    if len(values) != 2:
+    batch_sum = batches = forward = 0.0
+    images: dict[str, float] = collections.defaultdict(float)
+    seen = False
+    for (name, label_items), value in scrape(url).items():
+        labels = dict(label_items)
+        if name == "cbam_batch_size_sum":
+            batch_sum, seen = batch_sum + value, True
+        elif name == "cbam_batch_size_count":
+            batches += value
+        elif name == "cbam_stage_duration_seconds_sum" and labels.get("stage") == "inference":
+            forward += value
+        elif name == "cbam_images_total" and labels.get("code") == "OK":
+            images[labels.get("worker", "")] += value
+    if not seen:
         raise RuntimeError(f"{url} has no cbam_batch_size histogram")
-    return values["cbam_batch_size_sum"], values["cbam_batch_size_count"]
+    cpu = _cpu_seconds(pids) if pids else None
+    return ServerCounters(
+        batch_sum, batches, forward, dict(images), *(cpu if cpu is not None else (None, None))
+    )
+
+
+def _cpu_seconds(pids: Sequence[int]) -> tuple[float, float] | None:
+    """(user+system seconds of the processes, of their threads named INFERENCE_THREAD); None off Linux."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = forward = 0.0
+    try:
+        for pid in pids:
+            total += _stat_seconds(Path(f"/proc/{pid}/stat"), tick)  # every thread's, even finished ones
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                try:
+                    if (task / "comm").read_text().strip() == INFERENCE_THREAD:
+                        forward += _stat_seconds(task / "stat", tick)
+                except FileNotFoundError:  # the thread ended meanwhile
+                    continue
+    except FileNotFoundError:
+        return None
+    return total, forward
+
+
+def _stat_seconds(path: Path, tick: int) -> float:
+    fields = path.read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / tick  # utime, stime (fields 14 and 15 of proc(5))
 
 
 @dataclass
@@ -143,13 +94,14 @@ class LoadResult:
     """What one load run measured, in its measuring window."""
 
     concurrency: int
-    seconds: float
+    seconds: float  # the window's length
     images_per_call: int = 1
     completed_calls: int = 0  # successful calls that finished inside the window, wherever they started
     latencies: list[float] = field(default_factory=list)  # seconds, successful calls wholly inside it
     batch_sizes: list[int] = field(default_factory=list)  # timings.batch_size of each image answered
     errors: collections.Counter = field(default_factory=collections.Counter)  # status name -> count
-    mean_batch_size_metrics: float | None = None  # from /metrics: forward passes' mean size
+    before: ServerCounters | None = None  # the server's counters at the window's edges
+    after: ServerCounters | None = None
 
     def record(
         self, started: float, finished: float, batch_sizes: list[int], start: float, end: float
@@ -170,20 +122,67 @@ class LoadResult:
         if self.latencies:
             p50, p95, p99 = (float(p) for p in np.percentile(np.asarray(self.latencies) * 1000, [50, 95, 99]))
             per_request = float(np.mean(self.batch_sizes))
-        from_metrics = self.mean_batch_size_metrics is not None
+        figures = self._server_figures()
+        from_metrics = figures.get("mean_batch_size") is not None
+        mean_batch_size = figures.pop("mean_batch_size") if from_metrics else per_request
         return {
             "concurrency": self.concurrency,
+            "seconds": self.seconds,
             "requests": self.completed_calls,
             "images_per_call": self.images_per_call,
             "throughput": self.completed_calls * self.images_per_call / self.seconds,
             "p50": p50,
             "p95": p95,
             "p99": p99,
-            "mean_batch_size": self.mean_batch_size_metrics if from_metrics else per_request,
+            "mean_batch_size": mean_batch_size,
             "mean_batch_size_source": "metrics" if from_metrics else "timings",
             "errors": sum(self.errors.values()),
             "error_codes": dict(self.errors),
+            **figures,
         }
+
+    def _server_figures(self) -> dict:
+        """What the server's own counters say about the window: mean batch, each worker's share of the
+        images, and its CPU time per image, all of it and outside the forward (None where unknown)."""
+        b, a = self.before, self.after
+        if b is None or a is None or a.batches <= b.batches:
+            return {}
+        images = {w: n - b.images_by_worker.get(w, 0.0) for w, n in a.images_by_worker.items()}
+        total = sum(images.values())
+        figures: dict = {"mean_batch_size": (a.batch_size_sum - b.batch_size_sum) / (a.batches - b.batches)}
+        if not total:
+            return figures
+        figures["worker_share"] = {w: n / total for w, n in sorted(images.items())}
+        figures["forward_wall_ms_per_image"] = 1000 * (a.forward_seconds - b.forward_seconds) / total
+        if a.cpu_seconds is not None and b.cpu_seconds is not None:
+            cpu = a.cpu_seconds - b.cpu_seconds
+            forward = a.forward_cpu_seconds - b.forward_cpu_seconds  # type: ignore[operator]
+            figures |= {
+                "server_cores_used": cpu / self.seconds,
+                "server_cpu_ms_per_image": 1000 * cpu / total,
+                "forward_cpu_ms_per_image": 1000 * forward / total,
+                "outside_forward_cpu_ms_per_image": 1000 * (cpu - forward) / total,
+            }
+        return figures
+
+
+async def _spread_over_workers(clients: list[AsyncClient], connect, attempts: int = 64) -> list[AsyncClient]:
+    """Reconnect the connections that landed on a worker holding more than its share, until the workers
+    hold them evenly (or ``attempts`` run out). The kernel gives each new connection to a worker by a
+    hash, so 8 connections to 2 workers split 6:2 or worse 29% of the time, and the benchmark would
+    measure that split rather than the server."""
+    landed = [(await client.model_info()).worker for client in clients]
+    workers = len((await clients[0].model_info()).workers) or 1
+    fair = -(-len(clients) // workers)  # ceil
+    for _ in range(attempts):
+        counts = collections.Counter(landed)
+        crowded = next((i for i, w in enumerate(landed) if counts[w] > fair), None)
+        if crowded is None:
+            break
+        await clients[crowded].close()
+        clients[crowded] = connect()
+        landed[crowded] = (await clients[crowded].model_info()).worker
+    return clients
 
 
 async def drive_load(
@@ -197,29 +196,37 @@ async def drive_load(
     timeout: float = 60.0,
     metrics_url: str | None = None,
     images_per_call: int = 1,
+    server_pids: Sequence[int] = (),
 ) -> LoadResult:
     """`concurrency` tasks, each sending `image` (a uint8 H x W x 3 array, or PNG bytes) by Classify back
-    to back over `channels` channels, for warm-up and then `seconds` of measurement; with
+    to back over `channels` channels, through a warm-up and then a measuring window; with
     `images_per_call` above 1, that many copies per ClassifyBatch call instead. Retries are off: an
     error counts (a failed image in a batch call counts as its call's error).
 
-    Throughput counts the calls that finish inside the measuring window, latencies those that also
-    start in it; the batch-size histogram is read at the window's two edges.
+    The warm-up lasts `warmup_seconds`, and until every task has had its first answer. The window lasts
+    `seconds`, and longer if no call has yet started and finished inside it (at most `timeout` longer),
+    so that a slow machine measures something rather than nothing; its real length is the result's
+    `seconds`. Throughput counts the calls that finish inside the window, latencies those that also
+    start in it; the server's counters (/metrics, and the CPU time of ``server_pids``) are read at the
+    window's two edges.
     """
-    # A local subchannel pool gives each channel its own connection, instead of gRPC sharing one.
-    clients = [
-        AsyncClient(
-            target, timeout=timeout, retry=RetryPolicy.none(), options=[("grpc.use_local_subchannel_pool", 1)]
-        )
-        for _ in range(max(1, min(channels, concurrency)))
-    ]
+    def connect() -> AsyncClient:
+        # A local subchannel pool gives each channel its own connection, instead of gRPC sharing one.
+        options = [("grpc.use_local_subchannel_pool", 1)]
+        return AsyncClient(target, timeout=timeout, retry=RetryPolicy.none(), options=options)
+
+    clients = [connect() for _ in range(max(1, min(channels, concurrency)))]
+    clients = await _spread_over_workers(clients, connect)
     result = LoadResult(concurrency, seconds, images_per_call)
     batch = [image] * images_per_call
     loop = asyncio.get_running_loop()
-    start = time.perf_counter() + warmup_seconds
-    end = start + seconds
+    start = end = math.inf  # the window, once the timekeeper opens and closes it
+    first_answers = 0
+    warm, measured = asyncio.Event(), asyncio.Event()
 
     async def caller(client: AsyncClient) -> None:
+        nonlocal first_answers
+        answered = False
         while (t0 := time.perf_counter()) < end:
             try:
                 if images_per_call == 1:
@@ -229,23 +236,39 @@ async def drive_load(
             except CbamError as exc:
                 if start <= t0:
                     result.errors[exc.code.name] += 1
-                continue
-            result.record(t0, time.perf_counter(), [p.timings.batch_size for p in predictions], start, end)
+            else:
+                sizes = [p.timings.batch_size for p in predictions]
+                result.record(t0, time.perf_counter(), sizes, start, end)
+                if result.latencies:
+                    measured.set()
+            if not answered:
+                answered, first_answers = True, first_answers + 1
+                if first_answers == concurrency:
+                    warm.set()
 
-    async def window_edges() -> tuple:
-        await asyncio.sleep(max(0.0, start - time.perf_counter()))
-        before = await loop.run_in_executor(None, scrape_batch_size, metrics_url)
-        await asyncio.sleep(max(0.0, end - time.perf_counter()))
-        after = await loop.run_in_executor(None, scrape_batch_size, metrics_url)
+    async def timekeeper() -> tuple:
+        nonlocal start, end
+        try:
+            await asyncio.gather(asyncio.sleep(warmup_seconds), warm.wait())
+            # Read first, then open: every forward of a call started in the window comes after it.
+            before = await loop.run_in_executor(None, read_counters, metrics_url, server_pids)
+            start = time.perf_counter()
+            await asyncio.sleep(seconds)
+            # Nothing finished in the window even then: the summary says so (no latencies).
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(measured.wait(), timeout)
+        finally:
+            end = time.perf_counter()  # the callers stop, whatever happened here
+        after = await loop.run_in_executor(None, read_counters, metrics_url, server_pids)
         return before, after
 
+    edges = asyncio.ensure_future(timekeeper())
     try:
-        edges = asyncio.ensure_future(window_edges())
         await asyncio.gather(*(caller(clients[i % len(clients)]) for i in range(concurrency)))
-        before, after = await edges
+        result.before, result.after = await edges
     finally:
+        edges.cancel()
         for client in clients:
             await client.close()
-    if before is not None and after is not None and after[1] > before[1]:
-        result.mean_batch_size_metrics = (after[0] - before[0]) / (after[1] - before[1])
+    result.seconds = end - start
     return result

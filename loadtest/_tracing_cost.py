@@ -23,7 +23,9 @@ from pathlib import Path
 import numpy as np
 from rich.table import Table
 
-from ._served import LaunchedServer, drive_load
+from server.launcher import ServerProcess
+
+from ._served import drive_load
 
 __all__ = ["TRACING_TARGETS", "measure_tracing_cost", "tracing_cost_table"]
 
@@ -81,12 +83,12 @@ def measure_tracing_cost(
     The servers run on this thread's cores; the load generator and the sink on ``client_cpus``."""
     say = progress or (lambda _: None)
     sink = _Sink(client_cpus)
-    servers: dict[str, LaunchedServer] = {}
+    servers: dict[str, ServerProcess] = {}
     figures: dict[str, list[dict]] = {}
     try:
         for name, (flags, checkout) in _variants(sink.endpoint, baseline).items():
             say(f"starting cbam-serve, tracing {name} ...")
-            servers[name] = LaunchedServer([*server_flags, *flags], checkout=checkout)
+            servers[name] = ServerProcess(*server_flags, *flags, checkout=checkout)
             servers[name].start()
             figures[name] = []
         if client_cpus is not None:
@@ -97,7 +99,7 @@ def measure_tracing_cost(
             say(f"round {round_ + 1} of {rounds}: {', '.join(order)}")
             for name in order:
                 load = drive_load(
-                    servers[name].target,
+                    servers[name].address,
                     payload,
                     concurrency=concurrency,
                     seconds=seconds,
@@ -107,7 +109,8 @@ def measure_tracing_cost(
                 figures[name].append(asyncio.run(load).summary())
     finally:
         for server in servers.values():
-            server.stop()
+            server.stop()  # SIGTERM: it drains (and is killed if it takes too long)
+            server.kill()  # whatever is left of its process group
         taken = sink.stop()
     return _judge(figures, taken, concurrency, rounds, seconds, baseline)
 

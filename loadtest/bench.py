@@ -42,13 +42,24 @@ from pathlib import Path
 import numpy as np
 from rich.console import Console
 
-from client import BatchingInfo, Client
+from client import Client, ModelInfo
 from server.backends import AUTO, backend_choices  # names only: no torch
+from server.launcher import ServerProcess
 
 from ._ceiling import CeilingMeter, backend_callable, build_model, configure_threads, resolve_backend
 from ._cost import cost_table, measure_cbam_cost
-from ._report import UNITS, describe_machine, evaluate_targets, plot, print_targets, results_table, verdict
-from ._served import LaunchedServer, drive_load
+from ._report import (
+    UNITS,
+    compare_workers,
+    describe_machine,
+    evaluate_targets,
+    plot,
+    print_targets,
+    print_workers_comparison,
+    results_table,
+    verdict,
+)
+from ._served import drive_load
 
 __all__ = ["main"]
 
@@ -81,6 +92,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--quick benchmarks the default model only; drop --quick to benchmark --arch")
     if args.images_per_call < 1:
         parser.error("--images-per-call should be >= 1")
+    if args.rounds < 1 or (args.channels is not None and args.channels < 1):
+        parser.error("--rounds and --channels should be >= 1")
+    if args.target and args.workers:
+        parser.error("--workers starts servers; a --target runs with its own workers")
     if args.tracing_cost and (args.quick or args.target or args.cbam_cost):
         parser.error("--tracing-cost starts its own servers; drop --quick, --target and --cbam-cost")
     if args.cbam_cost and (args.quick or args.target or args.arch):
@@ -89,6 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         concurrency = _int_list(args.concurrency or preset["concurrency"], "--concurrency")
         settings = _settings(args.batch_sizes or preset["batch_sizes"])
+        workers_list: list[int | None] = _int_list(args.workers, "--workers") if args.workers else [None]
     except ValueError as exc:
         parser.error(str(exc))
     if args.target:
@@ -129,51 +145,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     image = np.random.default_rng(0).integers(0, 256, (*input_size, 3), dtype=np.uint8)
     payload = image if args.payload == "tensor" else _png(image)
     rows: list[dict] = []
-    measured: set[int] = set()
-    for setting in settings:
-        if setting is not None and setting in measured:
-            continue  # the default turned out to be this size, already measured
-        flags = [] if setting is None else ["--batching.max_batch_size", str(setting)]
-        flags = (["--arch", args.arch] if args.arch else []) + flags
-        flags += ["--model.backend", args.backend, *args.server_arg]
-        server = None if args.target else LaunchedServer(flags)
-        if server is not None:
-            console.print(f"starting cbam-serve {' '.join(flags)} ...", highlight=False)
-            server.start()  # inherits this thread's cores: the server's
-        _pin(client_cpus)  # the load generator (and gRPC threads it starts) on the client's cores
-        target, metrics_url = (
-            (args.target, args.metrics_url) if server is None else (server.target, server.metrics_url)
-        )
-        try:
-            batching = _check_served(target, args.arch, input_size)
-            max_batch_size = batching.max_batch_size
-            measured.add(max_batch_size)
-            label = f"{max_batch_size}" + (" (default)" if setting is None and server is not None else "")
-            for c in concurrency:
-                console.print(f"  max_batch_size {label}, concurrency {c} ...", highlight=False)
-                load = drive_load(
-                    target,
-                    payload,
-                    concurrency=c,
-                    seconds=duration,
-                    warmup_seconds=warmup,
-                    channels=args.channels,
-                    metrics_url=metrics_url,
-                    images_per_call=args.images_per_call,
-                )
-                row = {
-                    "setting": label,
-                    "max_batch_size": max_batch_size,
-                    "max_batch_delay_ms": batching.max_batch_delay_ms,
-                    **asyncio.run(load).summary(),
-                }
-                rows.append({**row, "load_average_1m": os.getloadavg()[0]})
-        finally:
+    runs = [(workers, setting) for workers in workers_list for setting in settings]
+    measured: set[tuple[int | None, int | None, int]] = set()
+    for round_ in range(1, args.rounds + 1):
+        # A, B, then B, A: whatever else the machine does drifts over both alike.
+        for workers, setting in runs if round_ % 2 else runs[::-1]:
+            if setting is not None and (workers, setting, round_) in measured:
+                continue  # the default turned out to be this size, already measured
+            flags = [] if setting is None else ["--batching.max_batch_size", str(setting)]
+            flags = (["--arch", args.arch] if args.arch else []) + flags
+            flags += [] if workers is None else ["--workers", str(workers)]
+            flags += ["--model.backend", args.backend, *args.server_arg]
+            server = None if args.target else ServerProcess(*flags)
             if server is not None:
-                server.stop()
-            _pin(server_cpus)
-        console.print("ceiling round ...", highlight=False)
-        meter.round()  # while no server runs
+                console.print(f"starting cbam-serve {' '.join(flags)} ...", highlight=False)
+                server.start()  # inherits this thread's cores: the server's
+            _pin(client_cpus)  # the load generator (and gRPC threads it starts) on the client's cores
+            try:
+                load = {"payload": payload, "seconds": duration, "warmup_seconds": warmup}
+                served = _served_rows(args, server, setting is None, input_size, concurrency, load, console)
+            finally:
+                if server is not None:
+                    server.stop()  # SIGTERM: it drains (and is killed if it takes too long)
+                    server.kill()  # whatever is left of its process group: a supervisor's workers too
+                _pin(server_cpus)
+            for row in served:
+                measured.add((workers, row["max_batch_size"], round_))
+                if args.workers:
+                    row["setting"] = f"{row['workers']}w {row['setting']}"
+                rows.append({**row, "round": round_})
+            console.print("ceiling round ...", highlight=False)
+            meter.round()  # while no server runs
 
     ceiling = meter.result()
     for row in rows:
@@ -181,6 +183,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         row["ceiling_throughput"] = None if batch is None else ceiling.throughput_at(batch)
         row["efficiency"] = None if batch is None else row["throughput"] / row["ceiling_throughput"]
 
+    # The targets are judged on the first workers setting's first round; the others are compared to it.
+    judged = [row for row in rows if row["round"] == 1 and row["workers"] == rows[0]["workers"]]
     call = "Classify" if args.images_per_call == 1 else f"ClassifyBatch of {args.images_per_call} images"
     report = {
         "machine": machine,
@@ -198,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "generator": f"client.AsyncClient, {call}, top_k=1, no retries, tasks back to back, in the "
             "benchmark's own process",
             "images_per_call": args.images_per_call,
-            "channels": args.channels,
+            "channels": args.channels or "1 to a single process, else 8 per worker (at most 1 per caller)",
             "duration_seconds": duration,
             "warmup_seconds": warmup,
             "target": args.target or "a fresh cbam-serve per setting on 127.0.0.1",
@@ -206,11 +210,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "units": UNITS,
         "ceiling": ceiling.as_dict(),
         "results": rows,
-        "targets": evaluate_targets(rows, ceiling),
+        "targets": evaluate_targets(judged, ceiling),
+        "workers_comparison": compare_workers(rows),
     }
     report["machine"]["load_average_1m_at_end"] = os.getloadavg()[0]
-    Console(width=max(Console().width, 100)).print(results_table(rows, ceiling))
+    Console(width=max(Console().width, 130)).print(results_table(rows, ceiling))
     print_targets(report["targets"], console)
+    print_workers_comparison(report["workers_comparison"], console)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n")
@@ -219,6 +225,55 @@ def main(argv: Sequence[str] | None = None) -> int:
         plot(report, args.plot)
         console.print(f"wrote {args.plot}", highlight=False)
     return 1 if any(row["errors"] for row in rows) else 0
+
+
+def _served_rows(
+    args: argparse.Namespace,
+    server: ServerProcess | None,
+    default_batching: bool,
+    input_size: tuple[int, int],
+    concurrency: list[int],
+    load: dict,
+    console: Console,
+) -> list[dict]:
+    """One server (``server``, or the --target one) at every concurrency: a row each. ``load``: the
+    payload, seconds and warmup_seconds of drive_load."""
+    if server is None:
+        target, metrics_url, pids = args.target, args.metrics_url, []
+    else:
+        target, metrics_url = server.address, server.metrics_url
+    info = _check_served(target, args.arch, input_size)
+    workers = max(1, len(info.workers))
+    if server is not None:  # a --target's CPU counters are not read: its pids may be another machine's
+        pids = list(dict.fromkeys([server.pid, *(w.pid for w in info.workers if w.pid)]))
+    label = f"{info.batching.max_batch_size}" + (" (default)" if default_batching and server else "")
+    rows = []
+    for c in concurrency:
+        # One connection reaches one worker: several workers need several connections to share the load.
+        channels = args.channels or min(c, 1 if workers == 1 else 8 * workers)
+        console.print(f"  max_batch_size {label}, {workers} worker(s), concurrency {c} ...", highlight=False)
+        result = drive_load(
+            target,
+            load["payload"],
+            concurrency=c,
+            seconds=load["seconds"],
+            warmup_seconds=load["warmup_seconds"],
+            channels=channels,
+            metrics_url=metrics_url,
+            images_per_call=args.images_per_call,
+            server_pids=pids,
+        )
+        rows.append({
+            "setting": label,
+            "max_batch_size": info.batching.max_batch_size,
+            "max_batch_delay_ms": info.batching.max_batch_delay_ms,
+            "workers": workers,
+            "channels": channels,
+            "torch_threads": None if server is None else server.serving.get("torch_threads"),
+            **asyncio.run(result).summary(),
+            "load_average_1m": os.getloadavg()[0],
+        })  # fmt: skip
+    return rows
 
 
 def _cbam_cost(args: argparse.Namespace, machine: dict, console: Console) -> int:
@@ -349,7 +404,26 @@ def _parser() -> argparse.ArgumentParser:
         metavar="S",
         help="time per batch size and round of the ceiling (default 0.5)",
     )
-    parser.add_argument("--channels", type=int, default=1, help="gRPC channels the tasks share (default 1)")
+    parser.add_argument(
+        "--channels",
+        type=int,
+        help="gRPC connections the callers share (default: 1 to a single-process server, 8 per worker to "
+        "one with workers, at most one per caller): one connection reaches one worker",
+    )
+    parser.add_argument(
+        "--workers",
+        metavar="LIST",
+        help="start servers with each of these worker counts (e.g. 1,2), one after the other, and compare "
+        "their throughput (default: the server's own)",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        metavar="N",
+        help="repeat every server N times, in A,B then B,A order, for the spread of the comparisons "
+        "(default 1)",
+    )
     parser.add_argument(
         "--images-per-call",
         type=int,
@@ -473,8 +547,8 @@ def _png(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _check_served(target: str, arch: str | None, input_size: tuple[int, int]) -> BatchingInfo:
-    """The served batching settings, after checking the server serves what the ceiling measured."""
+def _check_served(target: str, arch: str | None, input_size: tuple[int, int]) -> ModelInfo:
+    """What is served (batching, workers), after checking the server serves what the ceiling measured."""
     with Client(target, timeout=30) as client:
         info = client.model_info()
     if arch is not None and info.arch != arch:
@@ -485,7 +559,7 @@ def _check_served(target: str, arch: str | None, input_size: tuple[int, int]) ->
             f"was measured at {input_size[0]}x{input_size[1]}; cbam-serve has no input-size setting, so "
             "--input-size must be the architecture's own"
         )
-    return info.batching
+    return info
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ import os
 import statistics
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -35,10 +34,11 @@ from PIL import Image
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "proto")]
 
-from loadtest._served import LaunchedServer, drive_load  # noqa: E402
+from loadtest._served import drive_load  # noqa: E402
 from server.assembly import BatchAssembler  # noqa: E402
 from server.backends import AUTO, backend_choices  # noqa: E402
 from server.config import ModelSettings  # noqa: E402
+from server.launcher import ServerProcess, scrape  # noqa: E402
 from server.pipeline import Prediction, Timings  # noqa: E402
 from server.postprocess import AttentionFormat, AttentionKind, AttentionQuery, encode_attention  # noqa: E402
 from server.preprocess import ImageSpec, RawTensor, decode_image, load_pixels  # noqa: E402
@@ -133,16 +133,17 @@ def _encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
 
 
 def _stages(url: str) -> dict[str, tuple[float, float]]:
-    with urllib.request.urlopen(url, timeout=10) as response:
-        text = response.read().decode()
-    found: dict[str, list[float]] = {}
-    for line in text.splitlines():
-        for suffix in ("_sum", "_count"):
-            prefix = "cbam_stage_duration_seconds" + suffix + '{stage="'
-            if line.startswith(prefix):
-                stage = line[len(prefix) :].split('"')[0]
-                found.setdefault(stage, [0.0, 0.0])[0 if suffix == "_sum" else 1] = float(line.split()[-1])
-    return {stage: (v[0], v[1]) for stage, v in found.items()}
+    """(sum, count) of each stage's duration histogram."""
+    samples = scrape(url)
+    counts = [labels for name, labels in samples if name == "cbam_stage_duration_seconds_count"]
+    stages = {dict(labels)["stage"] for labels in counts}
+    return {
+        stage: (
+            samples.value("cbam_stage_duration_seconds_sum", stage=stage),
+            samples.value("cbam_stage_duration_seconds_count", stage=stage),
+        )
+        for stage in stages
+    }
 
 
 async def _window(target: str, url: str, image: np.ndarray, concurrency: int, seconds: float) -> dict:
@@ -172,14 +173,14 @@ async def _window(target: str, url: str, image: np.ndarray, concurrency: int, se
 
 def served(args: argparse.Namespace) -> list[dict]:
     flags = ["--model.backend", args.backend] + (["--arch", args.arch] if args.arch else [])
-    with LaunchedServer(flags) as server:
+    with ServerProcess(*flags) as server:
         import client
 
-        with client.Client(server.target, timeout=30) as c:
+        with client.Client(server.address, timeout=30) as c:
             height, width = c.model_info().input_size
         image = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
         return [
-            asyncio.run(_window(server.target, server.metrics_url, image, c, args.seconds))
+            asyncio.run(_window(server.address, server.metrics_url, image, c, args.seconds))
             for c in (1, args.saturation)
         ]
 

@@ -27,8 +27,6 @@ import io
 import json
 import os
 import random
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,6 +43,7 @@ from PIL import Image  # noqa: E402
 
 from cbam.v1 import inference_pb2 as pb  # noqa: E402
 from cbam.v1 import inference_pb2_grpc  # noqa: E402
+from server.launcher import ServerExited, ServerProcess  # noqa: E402
 
 CALL_TIMEOUT_S = 30.0
 STREAM_ITEMS = 4
@@ -77,47 +76,6 @@ class Window:
 
 
 # -- the server ---------------------------------------------------------------------------------------
-
-
-class OwnServer:
-    """`python -m server` on a free loopback port, its log in a temp file; stopped with SIGTERM."""
-
-    def __init__(self, server_args: list[str]) -> None:
-        fd, self.log_path = tempfile.mkstemp(prefix="soak-server-", suffix=".log")
-        command = [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", "0",
-                   "--metrics.enabled", "false", *server_args]  # fmt: skip
-        self.process = subprocess.Popen(command, cwd=_ROOT, stdout=fd, stderr=subprocess.STDOUT)
-        os.close(fd)  # the server holds its own copy
-        self.pid = self.process.pid
-        self.address = ""
-
-    def wait_until_serving(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited with {self.process.returncode}: {self._tail()}")
-            for line in Path(self.log_path).read_text(errors="replace").splitlines():
-                with contextlib.suppress(ValueError):
-                    event = json.loads(line)
-                    if event.get("event") == "serving":
-                        self.address = f"127.0.0.1:{event['port']}"
-                        return
-            time.sleep(0.2)
-        raise RuntimeError(f"server not serving after {timeout_s:.0f} s: {self._tail()}")
-
-    def stop(self, timeout_s: float = 30.0) -> int | None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-                return None
-        return self.process.returncode
-
-    def _tail(self) -> str:
-        return Path(self.log_path).read_text(errors="replace")[-2000:]
 
 
 def rss_bytes(pid: int) -> int:
@@ -405,12 +363,11 @@ def main(argv: list[str] | None = None) -> int:
     server = None
     address, pid = args.target, args.pid
     if address is None:
-        server = OwnServer(args.server_args)
+        server = ServerProcess("--metrics.enabled", "false", *args.server_args)
         try:
-            server.wait_until_serving(timeout_s=120)
-        except RuntimeError as exc:
+            server.start()
+        except (ServerExited, TimeoutError) as exc:
             print(f"soak: {exc}", file=sys.stderr)
-            server.stop()
             return 2
         address, pid = server.address, server.pid
     exit_code = None
@@ -421,14 +378,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         if server is not None:
-            exit_code = server.stop()
+            exit_code = server.stop(timeout=60)  # SIGTERM: it drains, or is killed (exit code -9)
+            server.kill()
     result = report(args, load, rss, measured_s, exit_code)
-    if server is not None:
-        if result["passed"]:
-            os.unlink(server.log_path)
-        else:
-            result["server_log"] = server.log_path
-            print(f"server log: {server.log_path}")
+    if server is not None and not result["passed"]:
+        fd, log_path = tempfile.mkstemp(prefix="soak-server-", suffix=".log")
+        with os.fdopen(fd, "w") as log:
+            log.write(server.output)
+        result["server_log"] = log_path
+        print(f"server log: {log_path}")
     print_report(result)
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=2))

@@ -25,13 +25,13 @@ from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "proto")]
 
-from loadtest._served import LaunchedServer  # noqa: E402
 from server.backends import backend_choices, list_backends  # noqa: E402
+from server.launcher import ServerProcess  # noqa: E402
 
 
 def time_to_serving(flags: list[str], timeout: float) -> float:
     started = time.monotonic()
-    with LaunchedServer(flags, startup_timeout=timeout):
+    with ServerProcess(*flags, startup_timeout=timeout):
         return time.monotonic() - started
 
 

@@ -27,11 +27,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(settings: Settings) -> int:
-    from server.app import serve
     from server.logs import configure_logging
+    from server.supervisor import supervise, worker_count
 
     configure_logging(settings.log.level, settings.log.json_)
+    workers = worker_count(settings)
     try:
+        if workers > 1:
+            return supervise(settings, workers)
+        from server.app import serve  # one process: no supervisor, nothing between client and server
+
         asyncio.run(serve(settings))
     except StartupError as exc:
         return _refuse(str(exc))

@@ -3,14 +3,21 @@
 server, port = build_server(settings)   # model loaded, port bound, nothing running yet
 await server.start()                     # NOT_SERVING -> warm-up -> SERVING
 await server.stop(grace)                 # NOT_SERVING, finish in-flight and queued calls
+
+One process serves here; with ``workers`` above 1, server/supervisor.py runs several such processes
+(server/worker.py) on one port.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import signal
 import ssl
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 
 import grpc
 import torch
@@ -52,6 +59,7 @@ class InferenceServer:
         health: HealthServicer,
         metrics: ServerMetrics,
         port: int,
+        model_info: pb.ModelInfo,
         tracing: Tracing = Tracing.OFF,
     ) -> None:
         self.settings = settings
@@ -61,28 +69,27 @@ class InferenceServer:
         self.health = health
         self.metrics = metrics
         self.port = port
+        # What GetModelInfo answers; a worker updates its `workers` as the supervisor reports them.
+        self.model_info = model_info
         self.tracing = tracing
         self.metrics_port: int | None = None
         self._metrics_endpoint: MetricsEndpoint | None = None
 
-    async def start(self) -> None:
-        """Accept calls, warm up (health NOT_SERVING meanwhile), then report SERVING."""
+    async def start(self, *, serving: bool = True) -> None:
+        """Accept calls, warm up (health NOT_SERVING meanwhile), then report SERVING; with ``serving``
+        False, stay NOT_SERVING until ``set_serving(True)`` (a worker waits for the others)."""
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         if self.settings.metrics.enabled:
             m = self.settings.metrics
-            try:
-                self._metrics_endpoint = MetricsEndpoint(self.metrics.registry, m.host, m.port)
-            except OSError as exc:
-                raise StartupError(
-                    "metrics.port", f"cannot listen on {m.host}:{m.port}: {exc.strerror}"
-                ) from None
+            self._metrics_endpoint = MetricsEndpoint(self.metrics.registry, m.host, m.port)
             self.metrics_port = self._metrics_endpoint.port
         await self.grpc_server.start()
         self.pipeline.start()
         await self.pipeline.warm_up()
-        for name in ("", SERVICE_NAME):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if serving:
+            self.model_info.workers[0].ready = True
+            await self.set_serving(True)
         d = self.pipeline.description
         fields = {
             "port": self.port,
@@ -95,10 +102,23 @@ class InferenceServer:
             "max_batch_size": self.settings.batching.max_batch_size,
             "torch_threads": torch.get_num_threads(),
             "torch_interop_threads": torch.get_num_interop_threads(),
+            "preprocess_threads": self.pipeline.preprocess_threads,
         }
-        _log.info("serving", extra={"fields": fields})
+        _log.info("serving" if serving else "warmed up", extra={"fields": fields})
 
-    async def stop(self, grace: float | None = None) -> None:
+    async def set_serving(self, serving: bool) -> None:
+        """Health SERVING or NOT_SERVING for every service; ignored once draining."""
+        statuses = health_pb2.HealthCheckResponse
+        status = statuses.SERVING if serving else statuses.NOT_SERVING
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+    async def stop(
+        self,
+        grace: float | None = None,
+        *,
+        close_turn: Callable[[float], AbstractAsyncContextManager[None]] | None = None,
+    ) -> None:
         """Drain, then stop. ``grace`` (settings.grace_seconds by default) bounds the wait for what
         was already taken; anything still running after it is cancelled.
 
@@ -108,6 +128,11 @@ class InferenceServer:
         3. refusals are held until no call has come for a moment (CallTracker.hold_refusals says
            why), then gRPC sends GOAWAY and stops accepting, the held calls are answered
            UNAVAILABLE, and the inference threads and /metrics endpoint close.
+
+        A worker holds its refusals until ``close_turn(timeout)`` lets it close: the workers close
+        their ports one after another, each once the calls of those closed before it (whose clients
+        reconnect to the port, so to a worker still open) have come and gone quiet. Were two to close
+        at once, calls reconnecting from one could reach the other as it closes, and be CANCELLED.
         """
         grace = self.settings.grace_seconds if grace is None else grace
         _log.info("draining", extra={"fields": {"grace_seconds": grace}})
@@ -119,8 +144,12 @@ class InferenceServer:
         self.calls.refuse_new_work()
         await self.calls.wait_drained(timeout=grace)
         await self.calls.hold_refusals(timeout=min(1.0, max(0.0, deadline - loop.time())))
-        stopping = asyncio.create_task(self.grpc_server.stop(max(0.0, deadline - loop.time())))
-        await asyncio.sleep(0)  # stop()'s first step: GOAWAY, and gRPC takes no more calls
+        remaining = max(0.0, deadline - loop.time())
+        async with contextlib.nullcontext() if close_turn is None else close_turn(remaining):
+            if close_turn is not None:  # what the workers closed before this one sent here
+                await self.calls.hold_refusals(timeout=min(1.0, max(0.0, deadline - loop.time())))
+            stopping = asyncio.create_task(self.grpc_server.stop(max(0.0, deadline - loop.time())))
+            await asyncio.sleep(0)  # stop()'s first step: GOAWAY, and gRPC takes no more calls
         self.calls.release_refusals()
         await stopping
         await self.pipeline.close()
@@ -132,12 +161,18 @@ class InferenceServer:
         _log.info("stopped", extra={"fields": {}})
 
 
-def build_server(settings: Settings, *, runner: ModelRunner | None = None) -> tuple[InferenceServer, int]:
+def build_server(
+    settings: Settings, *, runner: ModelRunner | None = None, share_port: bool = False
+) -> tuple[InferenceServer, int]:
     """Load the model and bind the port (0 picks a free one); call within a running event loop.
 
     ``runner`` replaces the model that settings.model describes: a seam for tests, not a setting.
+    ``share_port``: bind with SO_REUSEPORT, beside the other workers of one supervisor (which has
+    already made sure no independent server holds the port).
     """
     configure_torch_threads()
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
     configure_malloc()
     tracing = Tracing.start(settings.tracing)
     if tracing.enabled:
@@ -174,14 +209,16 @@ def build_server(settings: Settings, *, runner: ModelRunner | None = None) -> tu
             # turns off its random early drops below it.
             ("grpc.server.max_pending_requests", limits.max_pending_calls),
             ("grpc.server.max_pending_requests_hard_limit", limits.max_pending_calls),
-            ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share it
+            # A second server on the same port must fail, not share it; workers share it on purpose.
+            ("grpc.so_reuseport", 1 if share_port else 0),
         ],
         maximum_concurrent_rpcs=limits.max_concurrent_rpcs,
         interceptors=[telemetry, *_interceptors(settings, metrics)],
     )
     calls = CallTracker(metrics, tracing, {"cbam.model.arch": d.arch, "cbam.model.version": d.version})
+    model_info = _model_info(d, settings)
     servicer = InferenceServicer(
-        pipeline, _model_info(d, settings), calls, limits.max_stream_inflight, limits.max_batch_items
+        pipeline, model_info, calls, limits.max_stream_inflight, limits.max_batch_items
     )
     inference_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, server)
     health = HealthServicer()
@@ -200,7 +237,8 @@ def build_server(settings: Settings, *, runner: ModelRunner | None = None) -> tu
     port = _add_port(server, address, settings)
     if (warning := plaintext_warning(settings)) is not None:
         _log.warning(warning, extra={"fields": {"host": settings.host, "port": port}})
-    return InferenceServer(settings, server, pipeline, calls, health, metrics, port, tracing), port
+    built = InferenceServer(settings, server, pipeline, calls, health, metrics, port, model_info, tracing)
+    return built, port
 
 
 async def serve(settings: Settings) -> None:
@@ -241,6 +279,9 @@ def _model_info(d: ModelDescription, settings: Settings) -> pb.ModelInfo:
         max_image_pixels=settings.limits.max_image_pixels,
         max_message_bytes=settings.limits.max_message_bytes,
         max_batch_items=settings.limits.max_batch_items,
+        # This process alone; a worker's list is replaced by the supervisor's view of every worker.
+        workers=[pb.WorkerInfo(index=0, pid=os.getpid())],
+        worker=0,
     )
 
 

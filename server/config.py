@@ -9,6 +9,7 @@ environment.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -59,6 +60,9 @@ def default_cache_dir() -> Path:
     as it prescribes (the one variable outside CBAM_* that the settings read)."""
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "cbam-serve"
+
+
+MAX_WORKERS = 64
 
 
 class _Group(BaseModel):
@@ -375,7 +379,24 @@ class Settings(BaseSettings):
     )
     reflection: bool = Field(True, description="Offer gRPC server reflection.")
     preprocess_threads: int = Field(
-        0, ge=0, description="Threads that decode and resize images; 0 = half the usable cores, at least 1."
+        0,
+        ge=0,
+        description="Threads that decode and resize images, per worker; 0 = half the worker's share of "
+        "the usable cores, at least 1.",
+    )
+    torch_threads: int = Field(
+        0,
+        ge=0,
+        description="Intra-op threads of one worker's forward pass; 0 = the worker's share of the usable "
+        "cores (all of them with one worker).",
+    )
+    workers: int = Field(
+        0,
+        ge=0,
+        le=MAX_WORKERS,
+        description="Server processes sharing the gRPC port, each with its own model replica, batcher and "
+        "share of the cores, under one supervisor; 0 = one per 4 usable cores, 1 to 8 "
+        "(docs/OPERATIONS.md).",
     )
     model: ModelSettings = ModelSettings()
     batching: Batching = Batching()
@@ -443,8 +464,27 @@ def load_settings(argv: list[str] | None = None) -> Settings:
 
 
 def usable_cores() -> int:
-    """CPU cores this process may run on (its affinity mask, not the machine's count)."""
+    """CPU cores this process may run on: its affinity mask (not the machine's count), or fewer where a
+    CPU quota allows less (a container's CPU limit: cgroup v2 cpu.max, or v1 cfs quota and period)."""
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
+    quota = _cpu_quota(Path("/sys/fs/cgroup"))
+    return cores if quota is None else max(1, min(cores, math.ceil(quota)))
+
+
+def _cpu_quota(cgroup: Path) -> float | None:
+    """The CPUs' worth of time a cgroup quota allows (1.5 for "150000 100000"), or None: no quota."""
+    try:
+        quota, _, period = (cgroup / "cpu.max").read_text().partition(" ")
+    except OSError:
+        try:
+            quota = (cgroup / "cpu" / "cpu.cfs_quota_us").read_text()
+            period = (cgroup / "cpu" / "cpu.cfs_period_us").read_text()
+        except OSError:
+            return None
+    quota, period = quota.strip(), period.strip()
+    if quota in ("max", "-1") or not quota.lstrip("-").isdigit() or not period.isdigit() or not int(period):
+        return None
+    return int(quota) / int(period)

@@ -88,12 +88,27 @@ class _TextFormatter(logging.Formatter):
         return " ".join(part for part in (super().format(record), text) if part)
 
 
-def configure_logging(level: str, json_lines: bool = True) -> None:
-    """Send every log record at ``level`` or above to stderr, as JSON lines or plain text."""
+class _WithFields(logging.Filter):
+    """Adds the same fields to every record (a worker's index), before the record's own."""
+
+    def __init__(self, fields: dict[str, object]) -> None:
+        super().__init__()
+        self._fields = fields
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.fields = {**self._fields, **getattr(record, "fields", {})}
+        return True
+
+
+def configure_logging(level: str, json_lines: bool = True, fields: dict[str, object] | None = None) -> None:
+    """Send every log record at ``level`` or above to stderr, as JSON lines or plain text, each with
+    ``fields`` added."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
         JsonFormatter() if json_lines else _TextFormatter("%(asctime)s %(levelname)s %(message)s")
     )
+    if fields:
+        handler.addFilter(_WithFields(fields))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

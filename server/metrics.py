@@ -11,13 +11,20 @@ carries the exemplars (trace ids) of the latency histograms while tracing is on.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+import urllib.request
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
+from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OPENMETRICS
+from prometheus_client.openmetrics.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
+
+from server.errors import StartupError
 
 __all__ = [
     "BATCH_SIZE_BUCKETS",
@@ -27,7 +34,11 @@ __all__ = [
     "GpuCollector",
     "MetricsEndpoint",
     "ServerMetrics",
+    "SupervisorMetrics",
+    "WorkerExpositions",
 ]
+
+_log = logging.getLogger(__name__)
 
 # From 100 µs (one small image's postprocessing) to a minute (a large batch of a large model on CPU).
 LATENCY_BUCKETS = (
@@ -39,7 +50,6 @@ STAGES = ("preprocess", "queue", "inference", "postprocess")
 DROP_REASONS = ("deadline", "cancelled", "overloaded")
 _GRPC_LABELS = ["grpc_type", "grpc_service", "grpc_method"]
 
-_log = logging.getLogger(__name__)
 
 
 class ServerMetrics:
@@ -163,14 +173,84 @@ class GpuCollector(Collector):
 
 
 class MetricsEndpoint:
-    """The /metrics HTTP server, in a daemon thread. ``port`` is the bound port (useful with 0)."""
+    """The /metrics HTTP server, in a daemon thread. ``port`` is the bound port (useful with 0).
+    It answers in the format the scraper asks for (OpenMetrics, with exemplars, or Prometheus text)."""
 
     def __init__(self, registry: CollectorRegistry, host: str, port: int) -> None:
         self._httpd: WSGIServer
-        self._httpd, self._thread = start_http_server(port, addr=host, registry=registry)
+        try:
+            self._httpd, self._thread = start_http_server(port, addr=host, registry=registry)
+        except OSError as exc:
+            raise StartupError("metrics.port", f"cannot listen on {host}:{port}: {exc.strerror}") from None
         self.port: int = self._httpd.server_port
 
     def close(self) -> None:
         self._httpd.shutdown()
         self._httpd.server_close()
         self._thread.join(timeout=5)
+
+
+class SupervisorMetrics:
+    """The supervisor's own metrics (``workers`` above 1); the workers' are added by WorkerExpositions."""
+
+    WORKER_STATES = ("starting", "serving", "down")
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.workers = Gauge(
+            "cbam_workers",
+            "Worker processes by state: starting (not yet warm), serving, down (waiting to restart).",
+            ["state"], registry=self.registry,
+        )  # fmt: skip
+        self.restarts = Counter(
+            "cbam_worker_restarts", "Workers restarted after they died.", ["worker"], registry=self.registry
+        )
+        for state in self.WORKER_STATES:
+            self.workers.labels(state)
+
+
+class WorkerExpositions:
+    """A collector that serves the metrics of every worker process as one endpoint's.
+
+    At each scrape it reads every worker's own /metrics (a loopback port each) in OpenMetrics format,
+    adds ``worker="i"`` to every sample and serves the lot; the endpoint then answers in the format the
+    scraper asked for. Nothing is summed here: a worker's series stay its own, so a restarted worker is
+    an ordinary counter reset of its own series, which rate() handles, where a sum would drop and read
+    as a reset of the whole server; PromQL sums them (``sum without (worker)``; the dashboard's and the
+    alerts' queries already aggregate with sum). Not prometheus_client's multiprocess mode: it drops
+    exemplars and has no Info or callback gauges (cbam_model_info, the CUDA memory gauges).
+    """
+
+    def __init__(self, endpoints: Callable[[], list[tuple[str, int]]], timeout_s: float = 5.0) -> None:
+        self._endpoints = endpoints  # () -> [(worker label, loopback port)]
+        self._timeout_s = timeout_s
+        self._pool = ThreadPoolExecutor(4, thread_name_prefix="worker-metrics")
+
+    def collect(self) -> Iterator[Metric]:
+        targets = self._endpoints()
+        families: dict[str, Metric] = {}
+        for label, text in zip((t[0] for t in targets), self._pool.map(self._read, targets), strict=True):
+            try:
+                read = list(text_string_to_metric_families(text)) if text is not None else []
+            except ValueError as exc:  # not an exposition (it died mid-answer?): left out, not the rest
+                fields = {"worker": label, "error": str(exc)}
+                _log.warning("worker metrics unreadable", extra={"fields": fields})
+                continue
+            for family in read:
+                merged = families.get(family.name)
+                if merged is None:
+                    merged = families[family.name] = Metric(
+                        family.name, family.documentation, family.type, family.unit
+                    )
+                merged.samples += [s._replace(labels={**s.labels, "worker": label}) for s in family.samples]
+        return iter(families.values())
+
+    def _read(self, target: tuple[str, int]) -> str | None:
+        label, port = target
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/metrics", headers={"Accept": OPENMETRICS})
+        try:
+            with urllib.request.urlopen(request, timeout=self._timeout_s) as response:
+                return response.read().decode()
+        except OSError as exc:  # it died or is restarting: this scrape goes without its series
+            _log.debug("worker metrics unreadable", extra={"fields": {"worker": label, "error": str(exc)}})
+            return None

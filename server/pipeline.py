@@ -18,6 +18,7 @@ also becomes a span (or event) of the current request (server/tracing.py).
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -34,9 +35,12 @@ from server.preprocess import ImageSpec, RawTensor, is_ready_pixels, load_pixels
 from server.runner import BatchItem, ItemOutput, ModelDescription, ModelRunner, warm_up_sizes
 from server.tracing import Tracing
 
-__all__ = ["DEFAULT_TOP_K", "InferencePipeline", "Prediction", "Query", "Timings"]
+__all__ = ["DEFAULT_TOP_K", "INFERENCE_THREAD", "InferencePipeline", "Prediction", "Query", "Timings"]
 
 DEFAULT_TOP_K = 5
+# The operating-system name of the thread that runs the forward passes. Threads it starts inherit it
+# (torch's OpenMP workers), so `top -H` and cbam-bench tell the forward's CPU time from the rest's.
+INFERENCE_THREAD = "cbam-inference"
 
 # What the batcher carries: an image with the number of labels its caller wants; and what it hands
 # back: those labels (computed for the whole batch at once) with the image's output.
@@ -90,9 +94,13 @@ class InferencePipeline:
         self._blocks = frozenset(d.attention_blocks)
         # Preprocessing gets a few threads, inference one: the forward already uses every core
         # (torch intra-op threads), and a second forward would only fight the first for them.
-        threads = settings.preprocess_threads or max(1, usable_cores() // 2)
-        self._preprocess_pool = ThreadPoolExecutor(threads, thread_name_prefix="preprocess")
-        self._inference_pool = ThreadPoolExecutor(1, thread_name_prefix="inference")
+        self.preprocess_threads = settings.preprocess_threads or max(1, usable_cores() // 2)
+        self._preprocess_pool = ThreadPoolExecutor(
+            self.preprocess_threads, "preprocess", initializer=_name_os_thread, initargs=("cbam-preprocess",)
+        )
+        self._inference_pool = ThreadPoolExecutor(
+            1, "inference", initializer=_name_os_thread, initargs=(INFERENCE_THREAD,)
+        )
         self.batcher: DynamicBatcher[_Work, _Done] = DynamicBatcher(
             self._run_batch,
             max_batch_size=settings.batching.max_batch_size,
@@ -269,3 +277,13 @@ class InferencePipeline:
         if not attention.wanted:
             return None
         return frozenset(attention.blocks) if attention.blocks else self._blocks
+
+
+def _name_os_thread(name: str) -> None:
+    """Name the calling thread for the operating system (Linux; elsewhere nothing happens)."""
+    try:
+        prctl = ctypes.CDLL("libc.so.6").prctl
+    except (OSError, AttributeError):
+        return
+    pr_set_name = 15  # <linux/prctl.h>; the kernel keeps 15 bytes
+    prctl(pr_set_name, name.encode()[:15], 0, 0, 0)

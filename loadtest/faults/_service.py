@@ -19,8 +19,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-# Interim: the launcher of testinfra's server/launcher.py (same names and calls) replaces this import.
-from tests.support import ServerProcess, scrape
+from server.launcher import ServerProcess, scrape
 
 __all__ = ["Balanced", "Service", "nginx_binary"]
 
@@ -107,10 +106,7 @@ class Service:
     def stop(self, sig: int = signal.SIGTERM) -> int:
         """Send ``sig`` and wait for the exit status (the server is killed if it takes minutes)."""
         assert self.server is not None, "not started"
-        try:
-            return self.server.stop(sig, _STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:  # tests.support's launcher raises after killing it
-            return self.server.process.returncode
+        return self.server.stop(sig, _STOP_TIMEOUT_S)
 
     def kill(self) -> None:
         if self.server is not None:

@@ -1,7 +1,6 @@
-"""Servers for the client tests: the real cbam-serve (tests/support.py's ServerProcess, once per session),
-and a scripted stand-in on a real loopback port for what the real server cannot be made to do on cue:
-fail with UNAVAILABLE or RESOURCE_EXHAUSTED a set number of times, break a stream half way, and count
-every attempt.
+"""The scripted server of the client tests (the real cbam-serve is `live`, in tests/conftest.py): a
+stand-in on a real loopback port for what the real server cannot be made to do on cue: fail with
+UNAVAILABLE or RESOURCE_EXHAUSTED a set number of times, break a stream half way, and count every attempt.
 """
 
 from __future__ import annotations
@@ -14,7 +13,6 @@ import grpc
 import pytest
 
 from cbam.v1 import inference_pb2, inference_pb2_grpc
-from tests.support import ServerProcess
 
 
 class ScriptedInference(inference_pb2_grpc.InferenceServiceServicer):
@@ -34,12 +32,14 @@ class ScriptedInference(inference_pb2_grpc.InferenceServiceServicer):
         self.stream_calls = 0
         self.received_ids: list[str] = []
         self.metadata: list[dict[str, str]] = []
+        self.peers: list[str] = []  # the client's address and port of each call: its connection
         self._lock = threading.Lock()
 
     def _maybe_fail(self, context: grpc.ServicerContext) -> None:
         with self._lock:
             self.calls += 1
             self.metadata.append(dict(context.invocation_metadata()))
+            self.peers.append(context.peer())
             code = self.failures.pop(0) if self.failures else None
         if code is not None:
             context.abort(code, f"scripted {code.name}")
@@ -98,10 +98,3 @@ def scripted():
     server.start()
     yield servicer, f"127.0.0.1:{port}"
     server.stop(grace=None)
-
-
-@pytest.fixture(scope="session")
-def live():
-    """One real cbam-serve (the default model) shared by the tests of this folder."""
-    with ServerProcess() as server:
-        yield server

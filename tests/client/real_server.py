@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tests.support import ROOT, free_port, metric
+from server.launcher import metric
+from tests.support import ROOT, free_port
 
 __all__ = ["FIRST_SAMPLE", "SAMPLES", "free_port", "requests_total", "sample_labels"]
 

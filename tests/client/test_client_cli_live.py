@@ -108,9 +108,9 @@ def test_the_installed_command(live):
     command = Path(sys.executable).parent / "cbam-client"
     argv = [str(command)] if command.exists() else [sys.executable, "-m", "client.cli"]
     done = subprocess.run(
-        [*argv, "health", "--target", live.address], capture_output=True, text=True, timeout=60
+        [*argv, "health", "--target", live.address], capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0 and done.stdout.strip() == "SERVING", done.stderr
     done = subprocess.run([*argv, "health", "--target", "127.0.0.1:1", "--timeout", "2"],
-                          capture_output=True, text=True, timeout=60)  # fmt: skip
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
     assert done.returncode == 1 and "UNAVAILABLE" in done.stderr

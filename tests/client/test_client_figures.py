@@ -124,6 +124,6 @@ def test_without_matplotlib_the_client_classifies_and_drawing_names_the_extra():
         "except ImportError as exc:\n"
         "    print(exc)\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "pip install 'cbam-serve[load]'" in done.stdout

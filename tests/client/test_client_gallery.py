@@ -81,15 +81,18 @@ def test_the_gallery_has_a_row_per_image_and_references_only_files_beside_it(gal
     assert "http:" not in text and "https:" not in text and "<link" not in text and "<script src" not in text
 
 
+@pytest.mark.slow  # starts a browser
 def test_the_gallery_opens_from_disk_in_a_real_browser(gallery):
     if not CHROMIUM.exists():
         pytest.skip(f"no browser at {CHROMIUM} (scripts/setup.sh --test installs Debian's chromium): "
                     "the gallery was checked as HTML only")  # fmt: skip
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright drives the browser (dev extra)")
     with tempfile.TemporaryDirectory() as profile, sync_api.sync_playwright() as playwright:
+        # Upper bounds for a slow, busy machine (Playwright's own default is 30 s).
         browser = playwright.chromium.launch_persistent_context(
-            profile, executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
+            profile, executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True, timeout=300_000
         )
+        browser.set_default_timeout(300_000)
         try:
             check_in_browser(browser, gallery)
         finally:

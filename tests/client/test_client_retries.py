@@ -53,12 +53,12 @@ def test_invalid_argument_is_raised_at_once_with_code_and_message(scripted):
 def test_no_retry_waits_past_the_deadline(scripted):
     servicer, address = scripted
     servicer.failures = [grpc.StatusCode.UNAVAILABLE] * 100
-    slow = RetryPolicy(max_attempts=100, initial_backoff_seconds=0.2, jitter=0.0)
+    slow = RetryPolicy(max_attempts=100, initial_backoff_seconds=0.8, jitter=0.0)
     started = time.monotonic()
-    with Client(address, retry=slow, timeout=0.5) as client, pytest.raises(UnavailableError):
+    with Client(address, retry=slow, timeout=2.0) as client, pytest.raises(UnavailableError):
         client.classify(b"png")
-    assert time.monotonic() - started < 0.5
-    assert servicer.calls == 2  # 0 s, then after 0.2 s; the next wait (0.4 s) would pass the deadline
+    assert time.monotonic() - started < 2.0
+    assert servicer.calls == 2  # 0 s, then after 0.8 s; the next wait (1.6 s) would pass the deadline
 
 
 def test_unreachable_target_retries_then_raises_unavailable():

@@ -6,8 +6,10 @@ from real_server import FIRST_SAMPLE
 
 from client import AuthenticationError, Client, TlsConfig, UnavailableError
 from client.cli import main
+from server.launcher import ServerProcess
 from tests.security.certs import make_pki
-from tests.support import ServerProcess
+
+pytestmark = pytest.mark.slow  # a server of its own, with TLS
 
 TOKEN = "s3cret-token"
 

@@ -17,7 +17,8 @@ from opentelemetry.sdk.trace import TracerProvider
 from cbam.v1 import inference_pb2 as pb
 from cbam.v1 import inference_pb2_grpc
 from client import AsyncClient, Client
-from tests.support import ROOT, server_env
+from server.launcher import child_env
+from tests.support import ROOT
 
 TRACER = TracerProvider().get_tracer("client-test")
 
@@ -101,7 +102,7 @@ def test_the_client_works_without_opentelemetry(scripted):
         f"with Client({address!r}) as client: print(client.classify(b'image').labels[0].name)\n"
     )
     done = subprocess.run(
-        [sys.executable, "-c", script], cwd=ROOT, env=server_env(), capture_output=True, text=True, timeout=60
+        [sys.executable, "-c", script], cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "seven"

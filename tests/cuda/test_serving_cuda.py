@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from client import Client
-from tests.support import ServerProcess, scrape
+from server.launcher import ServerProcess, scrape
 
 pytestmark = pytest.mark.cuda
 

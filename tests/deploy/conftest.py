@@ -10,7 +10,6 @@ import pytest
 from deploy_support import Processes, install_debian_package
 
 from models import SAMPLES_DIR
-from tests.support import ServerProcess
 
 # The Debian package that provides each binary the tests start; scripts/setup.sh --test installs them.
 _APT_PACKAGES = {"prometheus": "prometheus", "promtool": "prometheus", "nginx": "nginx-light"}
@@ -44,13 +43,6 @@ def processes(tmp_path_factory) -> Iterator[Processes]:
         yield running
     finally:
         running.stop_all()
-
-
-@pytest.fixture(scope="session")
-def live_server() -> Iterator[ServerProcess]:
-    """A real cbam-serve on loopback ports, shared by the deployment tests that only read from it."""
-    with ServerProcess() as server:
-        yield server
 
 
 @pytest.fixture(scope="session")

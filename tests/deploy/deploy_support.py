@@ -2,22 +2,21 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import re
 import shutil
 import signal
 import subprocess
-import time
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support import free_port as free_port  # re-exported for the deploy tests
+from tests.support import free_port, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -26,22 +25,6 @@ def load_yaml_documents(path: Path) -> list[dict]:
     """Every non-empty YAML document of ``path``."""
     with path.open(encoding="utf-8") as f:
         return [doc for doc in yaml.safe_load_all(f) if doc is not None]
-
-
-def wait_for(condition: Callable[[], object], *, timeout_s: float, what: str, interval_s: float = 0.1):
-    """Poll ``condition`` until it returns something truthy, and return that; fail after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    last_error: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            result = condition()
-        except Exception as exc:  # the thing polled is not up yet
-            last_error = exc
-        else:
-            if result:
-                return result
-        time.sleep(interval_s)
-    pytest.fail(f"timed out after {timeout_s}s waiting for {what}; last error: {last_error!r}")
 
 
 def install_debian_package(package: str) -> str:
@@ -103,6 +86,13 @@ class Processes:
         self._running.clear()
 
 
+def _ready_or_exited(process: subprocess.Popen, url: str) -> bool:
+    if process.poll() is not None:
+        return True  # the caller says why
+    with urllib.request.urlopen(f"{url}/-/ready", timeout=5) as response:
+        return response.status == 200
+
+
 def start_prometheus(processes: Processes, binary: str, config: dict, home: Path, *flags: str) -> str:
     """Run a real Prometheus with ``config`` on a free loopback port, storing under ``home``; its URL once
     it is ready. ``flags`` are more command-line flags (--enable-feature=...)."""
@@ -121,16 +111,12 @@ def start_prometheus(processes: Processes, binary: str, config: dict, home: Path
                 *flags,
             ],
         )
-        started = time.monotonic()
-        while process.poll() is None and time.monotonic() - started < 30:
-            try:
-                with urllib.request.urlopen(f"{url}/-/ready", timeout=1) as response:
-                    if response.status == 200:
-                        return url
-            except OSError:
-                time.sleep(0.1)
+        try:
+            wait_for(functools.partial(_ready_or_exited, process, url), timeout_s=120, what="Prometheus")
+        except pytest.fail.Exception:
+            pytest.fail(f"Prometheus not ready after 120 s:\n{processes.log(process)}")
         if process.poll() is None:
-            pytest.fail(f"Prometheus not ready after 30s:\n{processes.log(process)}")
+            return url
         if "address already in use" not in processes.log(process):
             pytest.fail(f"Prometheus exited with {process.returncode}:\n{processes.log(process)}")
     pytest.fail("Prometheus found no free port in 3 tries")

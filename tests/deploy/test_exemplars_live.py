@@ -11,10 +11,11 @@ from collections.abc import Iterator
 
 import pytest
 import yaml
-from deploy_support import REPO, http_get_json, start_prometheus, wait_for
+from deploy_support import REPO, http_get_json, start_prometheus
 
 from client import Client
-from tests.support import ServerProcess
+from server.launcher import ServerProcess
+from tests.support import wait_for
 
 pytestmark = pytest.mark.slow
 

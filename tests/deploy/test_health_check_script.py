@@ -6,9 +6,10 @@ import subprocess
 import sys
 
 import pytest
-from deploy_support import REPO, free_port
+from deploy_support import REPO
 
-from tests.support import server_env
+from server.launcher import child_env
+from tests.support import free_port
 
 SCRIPT = REPO / "deploy/grpc_health_check.py"
 
@@ -18,26 +19,26 @@ def _check(*args: str, env: dict[str, str] | None = None) -> subprocess.Complete
         [sys.executable, str(SCRIPT), "--timeout", "5", *args],
         capture_output=True,
         text=True,
-        timeout=30,
-        env=server_env(env),
+        timeout=300,
+        env=child_env(env),
     )
 
 
 @pytest.mark.parametrize("service", ["cbam.v1.InferenceService", ""])
-def test_healthy_server_passes(live_server, service):
-    done = _check("--address", live_server.address, "--service", service)
+def test_healthy_server_passes(live, service):
+    done = _check("--address", live.address, "--service", service)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "SERVING" in done.stdout
 
 
-def test_default_address_follows_cbam_port(live_server):
+def test_default_address_follows_cbam_port(live):
     # The image runs the script with no arguments; CBAM_PORT moves the server and the check together.
-    done = _check(env={"CBAM_PORT": str(live_server.port)})
+    done = _check(env={"CBAM_PORT": str(live.port)})
     assert done.returncode == 0, done.stdout + done.stderr
 
 
-def test_unknown_service_fails(live_server):
-    done = _check("--address", live_server.address, "--service", "no.such.Service")
+def test_unknown_service_fails(live):
+    done = _check("--address", live.address, "--service", "no.such.Service")
     assert done.returncode == 1
     assert "NOT_FOUND" in done.stdout
 

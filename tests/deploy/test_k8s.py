@@ -11,7 +11,7 @@ from deploy_support import REPO, load_yaml_documents
 
 from client import Client
 from server.config import Settings
-from tests.support import ServerProcess
+from server.launcher import ServerProcess
 
 K8S = REPO / "deploy/k8s"
 KUSTOMIZATION = yaml.safe_load((K8S / "kustomization.yaml").read_text(encoding="utf-8"))

@@ -1,4 +1,5 @@
-"""A real Prometheus, configured from deploy/prometheus, scraping a real cbam-serve: the numbers it
+"""A real Prometheus, configured from deploy/prometheus, scraping a real cbam-serve (two workers behind
+one endpoint): the numbers it
 answers agree with the traffic this test sent, the rules load and evaluate, every dashboard query
 runs, and every metric the dashboard, rules and autoscaler read is one the server exports."""
 
@@ -10,21 +11,18 @@ import re
 import time
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime
 
 import grpc
 import pytest
 import yaml
-from deploy_support import (
-    REPO,
-    exported_sample_names,
-    http_get_json,
-    promql_names,
-    start_prometheus,
-    wait_for,
-)
+from deploy_support import REPO, exported_sample_names, http_get_json, promql_names, start_prometheus
 
 from cbam.v1 import inference_pb2, inference_pb2_grpc
+from server.launcher import ServerProcess
+from tests.support import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -45,6 +43,15 @@ CUDA_ONLY = {
     "cbam_gpu_memory_total_bytes",
 }
 OK_CALLS, BAD_CALLS = 40, 5
+
+
+@pytest.fixture(scope="module")
+def live_server() -> Iterator[ServerProcess]:
+    """The server Prometheus scrapes here runs two workers: the one endpoint that merges them (in the
+    OpenMetrics format Prometheus asks for, every series labelled by worker) must serve every panel,
+    rule and alert as a single process does, and export the supervisor's own metrics too."""
+    with ServerProcess("--workers", "2") as server:
+        yield server
 
 
 class Prometheus:
@@ -85,43 +92,61 @@ def prometheus(require_binary, processes, live_server, tmp_path_factory) -> Prom
 
 @dataclass
 class Traffic:
-    before: float  # a time after the first call was scraped and before the measured calls
-    latencies: list[float]  # client-side seconds of every OK call, the first one included
+    before: float  # a time after the calls before the traffic were scraped (twice), before the traffic
+    end: float  # the time of a scrape that saw all the traffic
+    latencies: list[float]  # client-side seconds of every OK call of the traffic
+
+
+OK_SERIES = 'cbam_requests_total{job="cbam-serve", method="Classify", code="OK"}'
+
+
+def _scraped_after(prometheus: Prometheus, t: float) -> float:
+    """Wait for Prometheus to hold a sample of OK_SERIES scraped after ``t``; that sample's time."""
+    return wait_for(
+        lambda: (at := prometheus.value(f"max(timestamp({OK_SERIES}))")) > t and at,
+        timeout_s=120,
+        what=f"a scrape after {t:.3f}",
+    )
+
+
+def grown(expr: str, at: float) -> str:
+    """PromQL for how much ``sum(expr)`` grew since time ``at`` (from 0 if it did not exist then): the
+    shared server counts the calls of earlier tests too."""
+    return f"(sum({expr}) - (sum({expr} @ {at:.3f}) or vector(0)))"
 
 
 @pytest.fixture(scope="module")
 def traffic(prometheus, live_server, sample_png) -> Traffic:
-    """One Classify call, then (once Prometheus has scraped it twice) OK_CALLS good and BAD_CALLS bad ones."""
-    wait_for(lambda: prometheus.query('up{job="cbam-serve"} == 1'), timeout_s=20, what="the target to be up")
-    ok = 'cbam_requests_total{job="cbam-serve", method="Classify", code="OK"}'
+    """One Classify call (so the series exists); once Prometheus has scraped twice after it, OK_CALLS good
+    and BAD_CALLS bad ones; then a scrape that saw them all, and one more: no
+    series the traffic made has a single sample after it."""
+    wait_for(lambda: prometheus.query('up{job="cbam-serve"} == 1'), timeout_s=120, what="the target to be up")
     latencies = []
     with grpc.insecure_channel(live_server.address) as channel:
         stub = inference_pb2_grpc.InferenceServiceStub(channel)
 
-        def classify(image: bytes) -> None:
+        def classify(image: bytes) -> float:
             started = time.perf_counter()
-            stub.Classify(inference_pb2.ClassifyRequest(encoded=image), timeout=30)
-            latencies.append(time.perf_counter() - started)
+            stub.Classify(inference_pb2.ClassifyRequest(encoded=image), timeout=60)
+            return time.perf_counter() - started
 
         classify(sample_png)
-        wait_for(
-            lambda: prometheus.query(f"count_over_time({ok}[1m]) >= 2"), timeout_s=20, what="two scrapes"
-        )
-        before = time.time()
-        time.sleep(0.1)
+        before = _scraped_after(prometheus, _scraped_after(prometheus, time.time()))
         for _ in range(OK_CALLS):
-            classify(sample_png)
+            latencies.append(classify(sample_png))
         for _ in range(BAD_CALLS):
             with pytest.raises(grpc.RpcError) as error:
-                stub.Classify(inference_pb2.ClassifyRequest(encoded=b"not an image"), timeout=30)
+                stub.Classify(inference_pb2.ClassifyRequest(encoded=b"not an image"), timeout=60)
             assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    wait_for(
-        lambda: prometheus.query(f"sum({ok}) == {1 + OK_CALLS}"),
-        timeout_s=20,
+    bad = 'cbam_requests_total{job="cbam-serve", method="Classify", code="INVALID_ARGUMENT"}'
+    seen = wait_for(
+        lambda: prometheus.value(grown(OK_SERIES, before)) == OK_CALLS
+        and prometheus.value(grown(bad, before)) == BAD_CALLS
+        and prometheus.value(f"max(timestamp({OK_SERIES}))"),
+        timeout_s=120,
         what="a scrape after the traffic",
     )
-    time.sleep(1.5)  # one more scrape, so the last sample is not the only one after the traffic
-    return Traffic(before=before, latencies=latencies)
+    return Traffic(before=before, end=_scraped_after(prometheus, seen), latencies=latencies)
 
 
 def _bucket_ceiling(seconds: float) -> float:
@@ -134,25 +159,29 @@ def _bucket_ceiling(seconds: float) -> float:
 def test_prometheus_scrapes_the_service_as_the_repo_configures_it(prometheus, traffic):
     (up,) = prometheus.query('up{job="cbam-serve"}')
     assert up["value"][1] == "1"
-    (info,) = prometheus.query('cbam_model_info{job="cbam-serve"}')
-    assert info["metric"]["device"] == "cpu"
+    infos = prometheus.query('cbam_model_info{job="cbam-serve"}')  # one per worker
+    assert sorted(i["metric"]["worker"] for i in infos) == ["0", "1"]
+    assert all(i["metric"]["device"] == "cpu" for i in infos)
+    assert prometheus.value('cbam_workers{job="cbam-serve", state="serving"}') == 2
+    assert prometheus.value('sum(cbam_worker_restarts_total{job="cbam-serve"})') == 0
 
 
 def test_request_counts_are_what_the_client_sent(prometheus, traffic):
     selector = 'job="cbam-serve", method="Classify"'
-    sent = prometheus.value(
-        f'sum(cbam_requests_total{{{selector}, code="OK"}})'
-        f' - sum(cbam_requests_total{{{selector}, code="OK"}} @ {traffic.before:.3f})'
-    )
-    assert sent == OK_CALLS
-    assert prometheus.value(f'sum(cbam_requests_total{{{selector}, code="INVALID_ARGUMENT"}})') == BAD_CALLS
-    assert prometheus.value(f'sum(cbam_images_total{{{selector}, code="OK"}})') == 1 + OK_CALLS
+
+    def grew(expr: str) -> float:
+        return prometheus.value(grown(expr, traffic.before), at=traffic.end)
+
+    assert grew(f'cbam_requests_total{{{selector}, code="OK"}}') == OK_CALLS
+    assert grew(f'cbam_requests_total{{{selector}, code="INVALID_ARGUMENT"}}') == BAD_CALLS
+    assert grew(f'cbam_images_total{{{selector}, code="OK"}}') == OK_CALLS
     # increase() extrapolates to the window's edges, so it may overshoot a little, never undershoot
-    # (the window starts before the traffic, with a sample already in it).
-    window = math.ceil(time.time() - traffic.before) + 2
-    increase = prometheus.value(f'sum(increase(cbam_requests_total{{{selector}, code="OK"}}[{window}s]))')
+    # (the window starts at `before`, with that sample from before the traffic in it).
+    window = f"{round((traffic.end - traffic.before) * 1000) + 1}ms"
+    ok = f'cbam_requests_total{{{selector}, code="OK"}}'
+    increase = prometheus.value(f"sum(increase({ok}[{window}]))", at=traffic.end)
     assert OK_CALLS <= increase <= OK_CALLS * 1.3
-    assert prometheus.value(f'sum(rate(cbam_requests_total{{{selector}, code="OK"}}[{window}s]))') > 0
+    assert prometheus.value(f"sum(rate({ok}[{window}]))", at=traffic.end) > 0
 
 
 def test_latency_quantiles_are_bounded_by_what_the_client_measured(prometheus, traffic):
@@ -160,24 +189,40 @@ def test_latency_quantiles_are_bounded_by_what_the_client_measured(prometheus, t
     # below the bucket holding the same client-side quantile; seconds measured as milliseconds, or a
     # histogram fed the wrong calls, would not.
     buckets = 'cbam_request_duration_seconds_bucket{job="cbam-serve", method="Classify", code="OK"}'
+    window = f"{round((traffic.end - traffic.before) * 1000) + 1}ms"
     measured = sorted(traffic.latencies)
     for q in (0.5, 0.99):
         client = measured[min(len(measured) - 1, math.ceil(q * len(measured)) - 1)]
-        server = prometheus.value(f"histogram_quantile({q}, sum by (le) ({buckets}))")
+        grew = f"{buckets} - {buckets} @ {traffic.before:.3f}"
+        server = prometheus.value(f"histogram_quantile({q}, sum by (le) ({grew}))", at=traffic.end)
         assert 0 < server <= _bucket_ceiling(client), (q, server, client)
-        window = math.ceil(time.time() - traffic.before) + 2
-        server_rate = prometheus.value(f"histogram_quantile({q}, sum by (le) (rate({buckets}[{window}s])))")
+        server_rate = prometheus.value(
+            f"histogram_quantile({q}, sum by (le) (rate({buckets}[{window}])))", at=traffic.end
+        )
         assert 0 < server_rate <= _bucket_ceiling(client), (q, server_rate, client)
-    count = prometheus.value('sum(cbam_request_duration_seconds_count{job="cbam-serve", code="OK"})')
-    assert count == 1 + OK_CALLS
-    total = prometheus.value('sum(cbam_request_duration_seconds_sum{job="cbam-serve", code="OK"})')
+    ok = 'cbam_request_duration_seconds_{}{{job="cbam-serve", method="Classify", code="OK"}}'
+    count = prometheus.value(grown(ok.format("count"), traffic.before), at=traffic.end)
+    assert count == OK_CALLS
+    total = prometheus.value(grown(ok.format("sum"), traffic.before), at=traffic.end)
     assert 0 < total <= sum(traffic.latencies)
 
 
+def _unix(rfc3339: str) -> float:
+    """Seconds since the epoch of a time as Prometheus' API writes it (nanoseconds, Z or an offset)."""
+    pattern = r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d+)?(Z|[+-]\d\d:\d\d)"
+    stamp, fraction, zone = re.fullmatch(pattern, rfc3339).groups()
+    whole = datetime.fromisoformat(stamp + ("+00:00" if zone == "Z" else zone))
+    return whole.timestamp() + float(fraction or 0)
+
+
 def test_the_rules_load_evaluate_and_stay_quiet(prometheus, traffic):
-    time.sleep(1.1)  # at least one evaluation after the traffic
-    groups = http_get_json(f"{prometheus.url}/api/v1/rules")["data"]["groups"]
-    rules = [rule for group in groups for rule in group["rules"]]
+    def evaluated_after_the_traffic() -> list[dict]:
+        groups = http_get_json(f"{prometheus.url}/api/v1/rules")["data"]["groups"]
+        if all(_unix(group["lastEvaluation"]) > traffic.end for group in groups):
+            return [rule for group in groups for rule in group["rules"]]
+        return []
+
+    rules = wait_for(evaluated_after_the_traffic, timeout_s=120, what="every rule group to evaluate again")
     assert sorted(r["name"] for r in rules) == sorted(r.get("record") or r["alert"] for r in RULES)
     for rule in rules:
         assert rule["health"] == "ok", f"{rule['name']}: {rule.get('lastError')}"

@@ -76,6 +76,6 @@ def test_nginx_accepts_the_rendering(require_binary, tmp_path):
         [nginx, "-t", "-p", str(tmp_path), "-c", str(config), "-e", str(tmp_path / "error.log")],
         capture_output=True,
         text=True,
-        timeout=30,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr

@@ -8,7 +8,7 @@ import grpc
 import pytest
 
 from cbam.v1 import inference_pb2_grpc
-from tests.support import ServerProcess
+from server.launcher import ServerProcess
 
 # max_batch_size 16 with a 100 ms delay: 16 concurrent calls close a batch at once, fewer wait.
 SHARED_ARGS = ("--batching.max_batch_size", "16", "--batching.max_batch_delay_ms", "100")

@@ -13,9 +13,9 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from cbam.v1 import inference_pb2 as pb
 from models import DEFAULT_CHECKPOINT, load_checkpoint
+from server.launcher import scrape
 from server.preprocess import ImageSpec
 from tests.reference import preprocess
-from tests.support import scrape
 
 
 def test_single_call_classifies_a_sample_digit(stub, samples) -> None:

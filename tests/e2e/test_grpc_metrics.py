@@ -10,7 +10,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from cbam.v1 import inference_pb2 as pb
 from cbam.v1 import inference_pb2_grpc
-from tests.support import ServerProcess, scrape
+from server.launcher import ServerProcess, scrape
 
 TOKEN = "grpc-metrics-token"
 INFERENCE = "cbam.v1.InferenceService"

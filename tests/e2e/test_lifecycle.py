@@ -5,9 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
-import time
 import urllib.request
 
 import grpc
@@ -17,7 +14,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cbam.v1 import inference_pb2 as pb
 from cbam.v1 import inference_pb2_grpc
-from tests.support import ROOT, ServerProcess, metric, server_env
+from server.launcher import ServerProcess, metric, run_to_exit
+from tests.support import wait_for
 
 
 def test_serving_line_and_health(served) -> None:
@@ -36,20 +34,23 @@ def _inflight(url: str) -> float:
     return metric(url, "cbam_inflight_requests")
 
 
+@pytest.mark.slow
 def test_sigterm_answers_everything_in_flight_and_exits_0(samples) -> None:
     n = 150
-    args = ("--batching.max_batch_size", "1", "--batching.max_batch_delay_ms", "0")
+    # One image per forward; a grace period long enough for 150 forwards on a slow, busy machine.
+    args = ("--batching.max_batch_size", "1", "--batching.max_batch_delay_ms", "0", "--grace_seconds", "300")
     with ServerProcess(*args) as server, grpc.insecure_channel(server.address) as channel:
         stub = inference_pb2_grpc.InferenceServiceStub(channel)
         calls = [
             stub.Classify.future(pb.ClassifyRequest(encoded=samples[i % 20][0]), timeout=60) for i in range(n)
         ]
         # Wait until the server has taken every call (one image per forward: most are still queued).
-        deadline = time.monotonic() + 20
-        while (inflight := _inflight(server.metrics_url)) + sum(c.done() for c in calls) < n:
-            assert time.monotonic() < deadline
+        inflight = wait_for(
+            lambda: (got := _inflight(server.metrics_url)) + sum(c.done() for c in calls) >= n and got,
+            what=f"the server to take all {n} calls",
+        )
         assert inflight > 20
-        assert server.stop(signal.SIGTERM, timeout=60) == 0
+        assert server.stop(signal.SIGTERM, timeout=300) == 0
         results = [call.result() for call in calls]
     assert len(results) == n and all(r.labels for r in results)
     events = [e["event"] for e in server.events]
@@ -57,11 +58,13 @@ def test_sigterm_answers_everything_in_flight_and_exits_0(samples) -> None:
     assert "Traceback" not in server.output
 
 
+@pytest.mark.slow
 def test_sigint_on_an_idle_server_exits_0() -> None:
     with ServerProcess() as server:
-        assert server.stop(signal.SIGINT, timeout=30) == 0
+        assert server.stop(signal.SIGINT, timeout=300) == 0
 
 
+@pytest.mark.slow
 def test_settings_from_file_env_and_flags_reach_the_server(tmp_path) -> None:
     config = tmp_path / "cbam.yaml"
     config.write_text("batching:\n  max_batch_size: 3\n  max_queue: 7\n  max_batch_delay_ms: 1\n")
@@ -85,13 +88,6 @@ def test_settings_from_file_env_and_flags_reach_the_server(tmp_path) -> None:
     )
 
 
-def _refusal(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", *args],
-        cwd=ROOT, env=server_env(), capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-
-
 @pytest.mark.parametrize(
     ("args", "field"),
     [
@@ -102,15 +98,15 @@ def _refusal(*args: str) -> subprocess.CompletedProcess[str]:
     ],
 )
 def test_bad_settings_stop_the_start_with_exit_2_naming_the_field(args: tuple[str, ...], field: str) -> None:
-    result = _refusal(*args)
-    assert result.returncode == 2, result.stderr
-    assert field in result.stderr and "Traceback" not in result.stderr
+    result = run_to_exit(*args)
+    assert result.returncode == 2, result.output
+    assert field in result.output and "Traceback" not in result.output
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 def test_cuda_without_cuda_is_refused() -> None:
-    result = _refusal("--model.device", "cuda")
-    assert result.returncode == 2 and "model.device" in result.stderr and "Traceback" not in result.stderr
+    result = run_to_exit("--model.device", "cuda")
+    assert result.returncode == 2 and "model.device" in result.output and "Traceback" not in result.output
 
 
 def test_serving_line_is_json(served) -> None:
@@ -118,9 +114,10 @@ def test_serving_line_is_json(served) -> None:
     assert json.loads(line)["level"] == "INFO"
 
 
+@pytest.mark.slow
 def test_ports_in_use_are_refused_naming_the_field(served) -> None:
-    grpc_busy = _refusal("--host", "127.0.0.1", "--port", str(served.port))
-    assert grpc_busy.returncode == 2 and "port" in grpc_busy.stderr and "Traceback" not in grpc_busy.stderr
-    metrics_busy = _refusal("--metrics.host", "127.0.0.1", "--metrics-port", str(served.metrics_port))
-    assert metrics_busy.returncode == 2 and "metrics.port" in metrics_busy.stderr
-    assert "Traceback" not in metrics_busy.stderr
+    grpc_busy = run_to_exit("--port", str(served.port))
+    assert grpc_busy.returncode == 2 and "port" in grpc_busy.output and "Traceback" not in grpc_busy.output
+    metrics_busy = run_to_exit("--metrics-port", str(served.metrics_port))
+    assert metrics_busy.returncode == 2 and "metrics.port" in metrics_busy.output
+    assert "Traceback" not in metrics_busy.output

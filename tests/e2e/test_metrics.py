@@ -8,14 +8,12 @@ import pytest
 from cbam.v1 import inference_pb2 as pb
 from cbam.v1 import inference_pb2_grpc
 from server.backends import list_backends
-from tests.support import ServerProcess, scrape
+from server.launcher import scrape
 
 
-def test_counters_and_histograms_count_exactly(samples) -> None:
-    with (
-        ServerProcess("--batching.max_batch_delay_ms", "0") as server,
-        grpc.insecure_channel(server.address) as ch,
-    ):
+def test_counters_and_histograms_count_exactly(served, samples) -> None:
+    before = scrape(served.metrics_url)  # the server is shared: what it counts from here on
+    with grpc.insecure_channel(served.address) as ch:
         stub = inference_pb2_grpc.InferenceServiceStub(ch)
         for image, _ in samples[:5]:
             stub.Classify(pb.ClassifyRequest(encoded=image), timeout=30)
@@ -29,10 +27,10 @@ def test_counters_and_histograms_count_exactly(samples) -> None:
         items = [pb.ClassifyRequest(encoded=samples[1][0]), pb.ClassifyRequest(encoded=b"?"),
                  pb.ClassifyRequest(encoded=samples[2][0])]  # fmt: skip
         assert len(list(stub.ClassifyStream(iter(items), timeout=30))) == 3
-        m = scrape(server.metrics_url)
+    m = scrape(served.metrics_url)
 
     def value(name: str, **labels: str) -> float:
-        return m.get((name, frozenset(labels.items())), 0.0)
+        return m.value(name, **labels) - before.value(name, **labels)
 
     calls = {("Classify", "OK"): 5, ("Classify", "INVALID_ARGUMENT"): 5,
              ("ClassifyStream", "OK"): 2, ("ClassifyStream", "INVALID_ARGUMENT"): 1}  # fmt: skip
@@ -43,7 +41,8 @@ def test_counters_and_histograms_count_exactly(samples) -> None:
         assert value("cbam_request_duration_seconds_bucket", method=method, code=code, le="+Inf") == n
     assert value("cbam_requests_total", method="GetModelInfo", code="OK") == 1
     assert value("cbam_images_total", method="GetModelInfo", code="OK") == 0
-    assert sum(v for (name, _), v in m.items() if name == "cbam_requests_total") == 14
+    requests = [key for key in m if key[0] == "cbam_requests_total"]
+    assert sum(m[key] - before.get(key, 0.0) for key in requests) == 14
 
     assert value("cbam_stage_duration_seconds_count", stage="preprocess") == 5 + 3 + 2 + 1
     assert value("cbam_stage_duration_seconds_count", stage="queue") == 7
@@ -52,7 +51,7 @@ def test_counters_and_histograms_count_exactly(samples) -> None:
     assert value("cbam_batch_size_sum") == 7 and 1 <= batches <= 7
     assert value("cbam_stage_duration_seconds_count", stage="inference") == batches
     assert value("cbam_batch_size_bucket", le="1.0") <= batches == value("cbam_batch_size_bucket", le="+Inf")
-    assert value("cbam_inflight_requests") == 0 and value("cbam_queue_depth") == 0
+    assert m.value("cbam_inflight_requests") == 0 and m.value("cbam_queue_depth") == 0
     for reason in ("deadline", "cancelled", "overloaded"):
         assert value("cbam_dropped_requests_total", reason=reason) == 0
     info = next(labels for (name, labels) in m if name == "cbam_model_info")

@@ -4,7 +4,6 @@ loopback (loadtest/otlp_sink.py), and the spans it sends continue the client's t
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Iterator
 
 import grpc
@@ -16,7 +15,8 @@ from opentelemetry.sdk.trace import TracerProvider
 from cbam.v1 import inference_pb2 as pb
 from cbam.v1 import inference_pb2_grpc
 from client import AsyncClient, Client, InvalidArgumentError
-from tests.support import ServerProcess
+from server.launcher import ServerProcess
+from tests.support import wait_for
 
 SERVER = trace_pb2.Span.SPAN_KIND_SERVER
 BATCH = 4  # calls sent at once, batched together (max_batch_size 4, a long max_batch_delay_ms)
@@ -173,11 +173,10 @@ def test_log_lines_about_a_request_carry_its_request_and_trace_ids(server, otlp_
     ):
         client.classify(b"not an image", request_id="log-me")
     trace_id = f"{caller.get_span_context().trace_id:032x}"
-    deadline = time.monotonic() + 30
-    while not (lines := [e for e in server.events_named("request") if e.get("request_id") == "log-me"]):
-        assert time.monotonic() < deadline, "no log line for the request"
-        time.sleep(0.05)
-    (line,) = lines
+    (line,) = wait_for(
+        lambda: [e for e in server.events_named("request") if e.get("request_id") == "log-me"],
+        what="the request's log line",
+    )
     assert line["trace_id"] == trace_id
     (span,) = [s for s in _of_trace(int(trace_id, 16), otlp_sink.wait_for(
         lambda spans: _of_trace(int(trace_id, 16), spans), timeout_s=60)) if s.kind == SERVER]  # fmt: skip

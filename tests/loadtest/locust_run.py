@@ -8,7 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.support import ROOT, free_port, server_env
+from server.launcher import child_env
+from tests.support import ROOT, free_port
 
 LOCUSTFILE = ROOT / "loadtest" / "locustfile.py"
 
@@ -20,8 +21,15 @@ def locust(*args: str) -> list[str]:
     return [*command, "-f", str(LOCUSTFILE), *args]
 
 
+def bounded_run(requests: int) -> list[str]:
+    """Headless Locust options for a run of 4 users that ends once ``requests`` requests were recorded,
+    however slow the machine (--run-time is only a cap a working run never reaches)."""
+    return ["--headless", "-u", "4", "-r", "4", "--cbam-requests", str(requests), "-t", "300s",
+            "--only-summary", "--stop-timeout", "30"]  # fmt: skip
+
+
 def run_env() -> dict[str, str]:
-    return {**server_env(), "PYTHONWARNINGS": "ignore"}
+    return child_env({"PYTHONWARNINGS": "ignore"})
 
 
 def start(command: list[str], log: Path) -> subprocess.Popen:
@@ -43,7 +51,7 @@ def run_distributed(host: str, tmp_path: Path, *args: str, workers: int = 2) -> 
     master = start(
         locust(
             *args, "--master", "--master-bind-host", "127.0.0.1", "--master-bind-port", port,
-            "--expect-workers", str(workers), "--expect-workers-max-wait", "60",
+            "--expect-workers", str(workers), "--expect-workers-max-wait", "300",
             "--host", host, "--csv", str(tmp_path / "dist"),
         ),
         tmp_path / "master.log",
@@ -51,9 +59,9 @@ def run_distributed(host: str, tmp_path: Path, *args: str, workers: int = 2) -> 
     worker = locust("--worker", "--master-host", "127.0.0.1", "--master-port", port)
     started = [start(worker, tmp_path / f"worker{i}.log") for i in range(workers)]
     try:
-        assert master.wait(timeout=120) == 0, (tmp_path / "master.log").read_text()
+        assert master.wait(timeout=400) == 0, (tmp_path / "master.log").read_text()
         for process in started:
-            assert process.wait(timeout=30) == 0
+            assert process.wait(timeout=120) == 0
     finally:
         for process in (master, *started):
             if process.poll() is None:

@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +32,8 @@ from loadtest._side_by_side import _Generator, _measure, _verify, check_answer, 
 from loadtest._wire import grpc_frame, model_infer_request, predictions_request, read_fields
 from loadtest.bench import main as bench_main
 from models import DEFAULT_CHECKPOINT, load_checkpoint
-from tests.support import ROOT, server_env
+from server.launcher import child_env
+from tests.support import ROOT, wait_for
 
 FAKE_PEER = Path(__file__).parent / "fake_peer.py"
 
@@ -54,7 +54,7 @@ class FakePeer(Served):
         self.process = subprocess.Popen(
             [sys.executable, str(FAKE_PEER), *self.args],
             cwd=ROOT,
-            env=server_env(),
+            env=child_env(),
             stdout=subprocess.PIPE,
             text=True,
         )
@@ -346,7 +346,7 @@ def test_peers_help_comes_through_cbam_bench(capsys):
 
 def test_a_peer_that_dies_at_start_is_reported_with_its_log(tmp_path):
     dying = [sys.executable, "-c", "print('no model here', flush=True); raise SystemExit(3)"]
-    process = _PeerProcess(dying, env=server_env(), cwd=tmp_path, ready=lambda: False, timeout=120)
+    process = _PeerProcess(dying, env=child_env(), cwd=tmp_path, ready=lambda: False, timeout=120)
     with pytest.raises(RuntimeError, match=r"(?s)exited; its log ends:\nno model here"):
         process.start()
 
@@ -354,15 +354,14 @@ def test_a_peer_that_dies_at_start_is_reported_with_its_log(tmp_path):
 def test_stopping_a_peer_stops_its_children_too(tmp_path):
     """A peer is a process tree (PyTriton: launcher, tritonserver, stub; TorchServe: CLI, JVM, workers)."""
     tree = ["sh", "-c", "sleep 300 & sleep 300 & wait"]
-    process = _PeerProcess(tree, env=server_env(), cwd=tmp_path, ready=lambda: True, timeout=120)
+    process = _PeerProcess(tree, env=child_env(), cwd=tmp_path, ready=lambda: True, timeout=120)
     process.start()
     group = process.process.pid
-    children = psutil.Process(group).children(recursive=True)
-    deadline = time.monotonic() + 60
-    while len(children) < 2 and time.monotonic() < deadline:  # the shell starts them as it gets the CPU
-        time.sleep(0.05)
-        children = psutil.Process(group).children(recursive=True)
-    assert len(children) == 2
+    # The shell starts them as it gets the CPU.
+    children = wait_for(
+        lambda: len(found := psutil.Process(group).children(recursive=True)) == 2 and found,
+        what="the two children",
+    )
     process.stop()
     with pytest.raises(ProcessLookupError):
         os.killpg(group, 0)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from loadtest._processes import LoadProcesses, merge_results
-from loadtest._served import LoadResult
+from loadtest._served import LoadResult, ServerCounters
 
 
 def _result(concurrency: int, seconds: float, calls: int, code: str | None = None) -> LoadResult:
@@ -20,7 +20,9 @@ def _result(concurrency: int, seconds: float, calls: int, code: str | None = Non
 
 def test_merged_generators_add_their_throughput_calls_and_errors() -> None:
     first, second = _result(2, 2.0, 40), _result(3, 2.5, 50, "UNAVAILABLE")
-    first.mean_batch_size_metrics = 3.5  # only the first process reads /metrics
+    # Only the first process reads the server's counters: 7 forwards of 3.5 images on average.
+    first.before = ServerCounters(10.0, 4.0, 0.1, {"": 10.0})
+    first.after = ServerCounters(34.5, 11.0, 0.3, {"": 34.5})
     merged = merge_results([first, second]).summary()
     assert merged["concurrency"] == 5 and merged["requests"] == 90
     assert merged["throughput"] == pytest.approx(40 / 2.0 + 50 / 2.5)

@@ -107,6 +107,7 @@ def test_gradients_flow_through_captured_maps():
     assert model.layer1[0].attention.spatial.bn.weight.grad is not None
 
 
+@pytest.mark.slow
 def test_export_traces_both_forwards(model):
     class WithAttention(torch.nn.Module):
         def __init__(self, inner):
@@ -129,6 +130,7 @@ def test_export_traces_both_forwards(model):
     torch.testing.assert_close(channel, maps["layer2.0"].channel)
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning")
 def test_onnx_export_matches(model, tmp_path):
     onnxruntime = pytest.importorskip("onnxruntime")
@@ -151,6 +153,7 @@ def test_inference_and_autograd_paths_agree(model):
     assert torch.equal(maps["layer3.2"].spatial.detach(), no_grad_maps["layer3.2"].spatial)
 
 
+@pytest.mark.slow
 def test_both_forwards_compile_without_graph_breaks(model):
     # fullgraph=True fails on any graph break; the eager backend keeps the test fast (no codegen).
     x = torch.randn(2, 3, 32, 32)

@@ -19,6 +19,7 @@ def listed() -> list[dict]:
     return json.loads(out.getvalue())
 
 
+@pytest.mark.slow
 def test_list_json_gives_params_and_macs_for_every_model(listed):
     entries = {e["name"]: e for e in listed}
     assert sorted(entries) == list_models()
@@ -35,6 +36,7 @@ def test_list_json_gives_params_and_macs_for_every_model(listed):
     assert round(entries["resnet50"]["macs"] / 1e9, 3) == 4.089
 
 
+@pytest.mark.slow
 def test_list_prints_a_table(listed, capsys, monkeypatch):
     monkeypatch.setattr(cli, "describe_models", lambda: listed)
     assert main(["list"]) == 0

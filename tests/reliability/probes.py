@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import re
-import urllib.request
-
 import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -31,24 +28,6 @@ def health_status(address: str, service: str = "") -> str:
         request = health_pb2.HealthCheckRequest(service=service)
         reply = health_pb2_grpc.HealthStub(channel).Check(request, timeout=10)
     return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
-
-
-def scrape(url: str) -> str:
-    with urllib.request.urlopen(url, timeout=10) as response:
-        return response.read().decode()
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    """The value of one sample in a Prometheus text exposition (0 when absent)."""
-    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    for line in text.splitlines():
-        m = re.match(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$", line)
-        if not m or m.group(1) != name:
-            continue
-        got = ",".join(sorted(p for p in (m.group(2) or "").split(",") if p))
-        if got == want:
-            return float(m.group(3))
-    return 0.0
 
 
 def check_response(response: pb.ClassifyResponse, info: pb.ModelInfo, top_k: int = 0) -> None:

@@ -27,8 +27,9 @@ from loadtest.faults import (
     run_fault,
 )
 from loadtest.faults._report import BEGIN, END
+from server.launcher import child_env
 from tests.reliability import corpus
-from tests.support import ROOT, server_env
+from tests.support import ROOT
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -154,7 +155,7 @@ def test_the_script_writes_the_table_and_the_json(tmp_path):
     done = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "faults.py"), "--short", "--only", "short-deadlines",
          "--json", str(report), "--doc", str(doc)],
-        cwd=ROOT, env=server_env(), capture_output=True, text=True, timeout=280,
+        cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=280,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     written = json.loads(report.read_text())
@@ -169,6 +170,6 @@ def test_the_script_writes_the_table_and_the_json(tmp_path):
 def test_an_unknown_fault_is_refused_naming_the_choices():
     done = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "faults.py"), "--only", "meteor"],
-        cwd=ROOT, env=server_env(), capture_output=True, text=True, timeout=60,
+        cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert done.returncode == 2 and "meteor" in done.stderr and "sigterm" in done.stderr

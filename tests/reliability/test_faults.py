@@ -16,11 +16,13 @@ import grpc
 import pytest
 
 from cbam.v1 import inference_pb2 as pb
+from server.launcher import ServerProcess, metric, scrape
+from server.metrics import LATENCY_BUCKETS
 from tests.reliability import corpus
-from tests.reliability.probes import CHANNEL_OPTIONS, health_status, metric, scrape, stub_for
-from tests.support import ServerProcess
+from tests.reliability.probes import CHANNEL_OPTIONS, health_status, stub_for
+from tests.support import eventually, steady
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(400)
 
 IMAGE = corpus.encode(corpus.picture(32, 32, seed=2))
 
@@ -30,14 +32,9 @@ def rss_mb(pid: int) -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-async def _settled(server, name: str, want: float, timeout: float = 5.0, **labels: str) -> float:
+async def _settled(server, name: str, want: float, **labels: str) -> None:
     """Wait for a metric to reach ``want`` (bookkeeping after a cancellation is asynchronous)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = metric(scrape(server.metrics_url), name, **labels)
-        if value == want or time.monotonic() > deadline:
-            return value
-        await asyncio.sleep(0.05)
+    await eventually(lambda: metric(server.metrics_url, name, **labels) == want, what=f"{name} == {want}")
 
 
 async def _still_fine(server) -> None:
@@ -63,8 +60,8 @@ async def test_a_client_that_disconnects_mid_stream_leaves_nothing_behind(server
     call = stub_for(channel).ClassifyStream(requests())
     await call.read()  # the server is working on the stream
     await channel.close()  # the whole connection goes, not just the call
-    assert await _settled(server, "cbam_inflight_requests", 0) == 0
-    assert await _settled(server, "cbam_queue_depth", 0) == 0
+    await _settled(server, "cbam_inflight_requests", 0)
+    await _settled(server, "cbam_queue_depth", 0)
     await _still_fine(server)
 
 
@@ -77,13 +74,14 @@ async def test_unary_callers_that_give_up_are_dropped_not_computed(server):
     codes = {o.code() if isinstance(o, grpc.aio.AioRpcError) else grpc.StatusCode.OK for o in outcomes}
     assert codes <= {grpc.StatusCode.OK, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
     assert grpc.StatusCode.DEADLINE_EXCEEDED in codes
-    assert await _settled(server, "cbam_inflight_requests", 0) == 0
+    await _settled(server, "cbam_inflight_requests", 0)
     after = scrape(server.metrics_url)
-    computed = metric(after, "cbam_batch_size_sum") - metric(before, "cbam_batch_size_sum")
+    computed = after.value("cbam_batch_size_sum") - before.value("cbam_batch_size_sum")
     assert computed < 60, "every expired request was computed anyway"
     await _still_fine(server)
 
 
+@pytest.mark.slow
 async def test_a_slow_reader_cannot_make_the_server_buffer_answers_without_bound(server):
     """A client that sends many items and reads none: once HTTP/2 windows and socket buffers are full
     (a few MB), the server must stop reading its requests instead of computing every item and
@@ -99,28 +97,28 @@ async def test_a_slow_reader_cannot_make_the_server_buffer_answers_without_bound
             yield pb.ClassifyRequest(request_id=f"s{i}", encoded=IMAGE, attention=attention)
 
     def answered() -> float:
-        text = scrape(server.metrics_url)
-        return metric(text, "cbam_requests_total", method="ClassifyStream", code="OK") - before
+        return metric(server.metrics_url, "cbam_requests_total", method="ClassifyStream", code="OK") - before
 
     before = 0.0
     before = answered()
-    rss_before = rss_mb(server.process.pid)
+    rss_before = rss_mb(server.pid)
     async with grpc.aio.insecure_channel(server.address, options=CHANNEL_OPTIONS) as channel:
         call = stub_for(channel).ClassifyStream(requests())
-        await asyncio.sleep(3)  # no reads at all meanwhile
-        first = answered()
-        await asyncio.sleep(3)
-        second = answered()
-        rss_after = rss_mb(server.process.pid)
+        # No reads at all meanwhile. However slow the machine, the count must stop growing (3 s
+        # without a new answer), and where it stops must be a bound far below what was offered.
+        began = time.monotonic()
+        stopped_at = await steady(answered, what="the answers to a stream nobody reads", timeout_s=180)
+        waited = time.monotonic() - began
+        rss_after = rss_mb(server.pid)
         size = (await call.read()).ByteSize()
         call.cancel()
-    print(f"slow reader: client sent {sent} of {total}; server answered {first:.0f} after 3 s, "
-          f"{second:.0f} after 6 s ({second * size / 2**20:.1f} MB of answers); "
+    print(f"slow reader: client sent {sent} of {total}; server answered {stopped_at:.0f}, then no more "
+          f"(steady after {waited:.0f} s; {stopped_at * size / 2**20:.1f} MB of answers); "
           f"RSS {rss_before:.0f} -> {rss_after:.0f} MB")  # fmt: skip
-    assert second - first <= 64, "the server keeps computing answers nobody reads"
-    assert second * size < 32 * 2**20
+    assert sent < total, "the client could send everything: nothing pushed back"
+    assert stopped_at * size < 32 * 2**20, "the server keeps computing answers nobody reads"
     assert rss_after - rss_before < 150
-    assert await _settled(server, "cbam_inflight_requests", 0) == 0
+    await _settled(server, "cbam_inflight_requests", 0)
     await _still_fine(server)
 
 
@@ -156,6 +154,7 @@ def _p90(values: list[float]) -> float:
     return values[int(0.9 * (len(values) - 1))] if values else 0.0
 
 
+@pytest.mark.slow
 async def test_a_burst_far_above_capacity_is_refused_at_once_with_bounded_queue_and_memory(slow_server):
     server = slow_server
     depths: list[float] = []
@@ -163,10 +162,10 @@ async def test_a_burst_far_above_capacity_is_refused_at_once_with_bounded_queue_
 
     def watch_queue():
         while not stop.is_set():
-            depths.append(metric(scrape(server.metrics_url), "cbam_queue_depth"))
+            depths.append(metric(server.metrics_url, "cbam_queue_depth"))
             time.sleep(0.02)
 
-    rss_before = rss_mb(server.process.pid)
+    rss_before = rss_mb(server.pid)
     before = scrape(server.metrics_url)
     watcher = threading.Thread(target=watch_queue, daemon=True)
     watcher.start()
@@ -174,7 +173,7 @@ async def test_a_burst_far_above_capacity_is_refused_at_once_with_bounded_queue_
     async def one(stub):
         started = time.monotonic()
         try:
-            await stub.Classify(pb.ClassifyRequest(encoded=IMAGE), timeout=60)
+            await stub.Classify(pb.ClassifyRequest(encoded=IMAGE), timeout=240)
             return grpc.StatusCode.OK, time.monotonic() - started, ""
         except grpc.aio.AioRpcError as exc:
             return exc.code(), time.monotonic() - started, exc.details()
@@ -187,7 +186,7 @@ async def test_a_burst_far_above_capacity_is_refused_at_once_with_bounded_queue_
     finally:
         stop.set()
         watcher.join()
-    rss_after = rss_mb(server.process.pid)
+    rss_after = rss_mb(server.pid)
 
     ok = sorted(t for code, t, _ in outcomes if code is grpc.StatusCode.OK)
     refused = sorted(t for code, t, msg in outcomes if _refused(code, msg))
@@ -202,27 +201,34 @@ async def test_a_burst_far_above_capacity_is_refused_at_once_with_bounded_queue_
     assert not other, other[:5]
     assert ok, "nothing was answered"
     assert len(refused) >= BURST / 2 and exhausted >= MAX_QUEUE
-    # Refusals do not wait for the model: as the server measures them, nearly all take under 50 ms.
+    # Refusals do not wait for the model: as the server measures them, most take less than one forward
+    # pass of this same run (a refusal that queued would take at least one). Judged against the run's
+    # own forward time, not a wall-clock figure, so a slow or busy machine cannot fail it.
     after = scrape(server.metrics_url)
+
+    def grew(name: str, **labels: str) -> float:
+        return after.value(name, **labels) - before.value(name, **labels)
+
+    forward_s = grew("cbam_stage_duration_seconds_sum", stage="inference") / grew(
+        "cbam_stage_duration_seconds_count", stage="inference"
+    )
+    quick = min(b for b in LATENCY_BUCKETS if b >= max(0.05, forward_s))
     series = dict(method="Classify", code="RESOURCE_EXHAUSTED")
-    fast = metric(after, "cbam_request_duration_seconds_bucket", le="0.05", **series) - metric(
-        before, "cbam_request_duration_seconds_bucket", le="0.05", **series
-    )
-    counted = metric(after, "cbam_request_duration_seconds_count", **series) - metric(
-        before, "cbam_request_duration_seconds_count", **series
-    )
-    assert counted == exhausted and fast >= 0.95 * counted, (fast, counted)
+    fast = grew("cbam_request_duration_seconds_bucket", le=str(quick), **series)
+    counted = grew("cbam_request_duration_seconds_count", **series)
+    assert counted == exhausted and fast >= 0.75 * counted, (fast, counted, quick, forward_s)
     assert max(depths) <= MAX_QUEUE
     assert rss_after - rss_before < 200
     await _still_fine(server)
 
 
+@pytest.mark.slow
 async def test_a_stream_burst_far_above_capacity_refuses_items_not_the_stream(slow_server):
     """2000 items on one stream against a queue of 4: each item is answered or refused on its own,
     and the stream itself ends OK."""
     requests = [pb.ClassifyRequest(request_id=f"b{i}", encoded=IMAGE) for i in range(2000)]
     async with grpc.aio.insecure_channel(slow_server.address) as channel:
-        call = stub_for(channel).ClassifyStream(iter(requests), timeout=60)
+        call = stub_for(channel).ClassifyStream(iter(requests), timeout=240)
         answers = [answer async for answer in call]
         assert await call.code() is grpc.StatusCode.OK
     assert sorted(a.request_id for a in answers) == sorted(r.request_id for r in requests)

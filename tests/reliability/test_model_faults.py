@@ -30,7 +30,7 @@ from server.loading import load_model
 from server.runner import ModelRunner
 from tests.reliability import corpus
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = pytest.mark.timeout(300)
 
 BATCH = 8
 
@@ -93,7 +93,7 @@ async def _faulty_server(*more_args: str):
     form one batch (the batch delay is generous)."""
     settings = load_settings([
         "--host", "127.0.0.1", "--port", "0", "--metrics.enabled", "false",
-        "--batching.max_batch_size", str(BATCH), "--batching.max_batch_delay_ms", "2000", *more_args,
+        "--batching.max_batch_size", str(BATCH), "--batching.max_batch_delay_ms", "10000", *more_args,
     ])  # fmt: skip
     served, meta = load_model(settings.model)
     model = FaultyModel(served)

@@ -1,4 +1,5 @@
-"""SIGTERM under load: every request the server accepted gets its answer or a definite status.
+"""SIGTERM under load: every request the server accepted gets its answer or a definite status, from a
+single process and from two workers under a supervisor (each with calls in flight when SIGTERM comes).
 
 The server logs the outcome of every request (at DEBUG, with its request_id), so each call the
 client made is one of:
@@ -22,11 +23,12 @@ import grpc
 import pytest
 
 from cbam.v1 import inference_pb2 as pb
+from server.launcher import ServerProcess
 from tests.reliability import corpus
 from tests.reliability.probes import stub_for
-from tests.support import ServerProcess
+from tests.support import eventually, wait_for
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 
 GRACE_S = 10
 IMAGE = corpus.encode(corpus.picture(32, 32, seed=4))
@@ -123,32 +125,45 @@ def _tally(ledger: Ledger, server_codes: dict[str, str]) -> dict[str, list[str]]
     return out
 
 
-async def test_sigterm_under_load_loses_no_accepted_request():
+@pytest.mark.parametrize("server_workers", [1, 2])
+async def test_sigterm_under_load_loses_no_accepted_request(server_workers: int):
     with ServerProcess(
         "--log.level", "DEBUG", "--grace_seconds", str(GRACE_S), "--batching.max_batch_delay_ms", "20",
+        "--workers", str(server_workers),
     ) as server:  # fmt: skip
         ledger, stopping = Ledger(), asyncio.Event()
+        # A connection each (one connection reaches one worker): with 16 of them, the chance that
+        # two workers do not both get some is 2**-15.
+        own_connection = [("grpc.use_local_subchannel_pool", 1)]
+        channels = [grpc.aio.insecure_channel(server.address, options=own_connection) for _ in range(16)]
         async with grpc.aio.insecure_channel(server.address) as channel:
             stub = stub_for(channel)
-            workers = [asyncio.create_task(_unary_worker(stub, ledger, stopping)) for _ in range(8)]
+            workers = [asyncio.create_task(_unary_worker(stub_for(c), ledger, stopping)) for c in channels]
             stopping_threads = threading.Event()
             for _ in range(2):
                 stream = asyncio.to_thread(_stream_worker, server.address, ledger, stopping_threads)
                 workers.append(asyncio.create_task(stream))
             open_stream: dict = {}
             workers.append(asyncio.create_task(_open_stream(stub, ledger, open_stream)))
-            await asyncio.sleep(2.0)
+            # Two seconds of load, and enough of it to mean something however slow this machine is.
+            loaded = time.monotonic()
+            await eventually(
+                lambda: len(ledger.client) > 50 and sum(i.startswith("o-") for i in ledger.client) == 2,
+                what="50 calls, and the open stream's two items, answered before SIGTERM",
+            )
+            await asyncio.sleep(max(0.0, 2.0 - (time.monotonic() - loaded)))
             sent_before_sigterm = len(ledger.client)
             stopping.set()
             stopping_threads.set()
             started = time.monotonic()
             exit_code = await asyncio.to_thread(server.stop, signal.SIGTERM, GRACE_S + 20)
             took = time.monotonic() - started
-            await asyncio.wait_for(asyncio.gather(*workers), timeout=30)
+            await asyncio.wait_for(asyncio.gather(*workers), timeout=120)
+        for c in channels:
+            await c.close()
 
-    server_codes = {
-        e["request_id"]: e["code"] for e in server.events_named("request") if "request_id" in e
-    }
+    requests = [e for e in server.events_named("request") if "request_id" in e]
+    server_codes = {e["request_id"]: e["code"] for e in requests}
     tally = _tally(ledger, server_codes)
     sent = len(ledger.client)
     print(f"\nSIGTERM under load: sent {sent} (before SIGTERM {sent_before_sigterm}), "
@@ -164,11 +179,16 @@ async def test_sigterm_under_load_loses_no_accepted_request():
     # the stream that never half-closed: both items answered, then a definite end, well within grace
     assert open_stream["code"] == "UNAVAILABLE", open_stream
     assert open_stream["ended"] - started < GRACE_S
+    if server_workers > 1:  # every worker drained calls of its own
+        assert {e.get("worker") for e in requests} == set(range(server_workers))
+        assert len(server.events_named("draining")) == server_workers + 1  # and the supervisor
 
 
-def _hammer(address: str, codes: collections.Counter, stop: threading.Event, lock: threading.Lock) -> None:
+def _hammer(
+    address: str, codes: collections.Counter, stop: threading.Event, lock: threading.Lock, options=()
+) -> None:
     """One call after another with no pause, a refusal sent straight back: the worst case for a drain."""
-    with grpc.insecure_channel(address) as channel:
+    with grpc.insecure_channel(address, options=options) as channel:
         stub = stub_for(channel)
         while not stop.is_set():
             try:
@@ -180,27 +200,34 @@ def _hammer(address: str, codes: collections.Counter, stop: threading.Event, loc
                 codes[code] += 1
 
 
-def test_sigterm_under_hammering_answers_every_call_ok_or_unavailable_never_cancelled():
+@pytest.mark.parametrize("server_workers", [1, 2])
+def test_sigterm_under_hammering_answers_every_call_ok_or_unavailable_never_cancelled(server_workers: int):
     """Clients that resend at once after each answer always have a call on its way when gRPC stops
-    taking calls; such a call must come back UNAVAILABLE (retryable), not CANCELLED."""
+    taking calls; such a call must come back UNAVAILABLE (retryable), not CANCELLED. With workers, each
+    client has a connection of its own (so both workers are hammered), and a client whose worker closes
+    reconnects to the port, where another worker may still be listening."""
     codes: collections.Counter[str] = collections.Counter()
     stop, lock = threading.Event(), threading.Lock()
-    with ServerProcess("--grace_seconds", str(GRACE_S)) as server:
+    # One worker: the threads' channels share one connection (gRPC pools them); two: one each.
+    options = [("grpc.use_local_subchannel_pool", 1)] if server_workers > 1 else []
+    args = ("--grace_seconds", str(GRACE_S), "--workers", str(server_workers))
+    with ServerProcess(*args) as server:
         threads = [
-            threading.Thread(target=_hammer, args=(server.address, codes, stop, lock)) for _ in range(24)
+            threading.Thread(target=_hammer, args=(server.address, codes, stop, lock, options))
+            for _ in range(24)
         ]
         for thread in threads:
             thread.start()
         try:
-            deadline = time.monotonic() + 60
-            while codes["OK"] < 200 and time.monotonic() < deadline:  # every thread well under way
-                time.sleep(0.05)
+            wait_for(lambda: codes["OK"] >= 200, what="200 calls answered (every thread well under way)")
             assert server.stop(signal.SIGTERM, GRACE_S + 30) == 0
             with lock:
                 after_exit = sum(codes.values())
             # The port is closed now: keep going until every thread has had refusals from it too.
-            while sum(codes.values()) < after_exit + 10 * len(threads) and time.monotonic() < deadline + 60:
-                time.sleep(0.05)
+            wait_for(
+                lambda: sum(codes.values()) >= after_exit + 10 * len(threads),
+                what="refusals after the exit",
+            )
         finally:
             stop.set()
             for thread in threads:

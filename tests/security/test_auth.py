@@ -10,8 +10,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-import subprocess
-import sys
 
 import grpc
 import pytest
@@ -24,8 +22,8 @@ from cbam.v1 import inference_pb2 as pb
 from cbam.v1 import inference_pb2_grpc
 from server.auth import BearerTokenInterceptor
 from server.config import load_settings
+from server.launcher import ServerProcess, run_to_exit
 from tests.reliability.corpus import encode, picture
-from tests.support import ROOT, ServerProcess, server_env
 
 TOKENS = ("alpha-7f3e2a", "bravo-91c4d0")
 IMAGE = encode(picture(20, 20))
@@ -124,7 +122,7 @@ def _auth(token: str | None):
 async def _status(coro) -> tuple[grpc.StatusCode, str]:
     try:
         await coro
-    except grpc.aio.AioRpcError as exc:
+    except grpc.RpcError as exc:  # the asyncio client's AioRpcError, or the synchronous client's
         return exc.code(), exc.details()
     return grpc.StatusCode.OK, ""
 
@@ -151,10 +149,10 @@ async def test_missing_or_wrong_tokens_get_one_and_the_same_refusal(guarded):
     for token in BAD:
         metadata = _auth(token)
         for call in (
-            stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10, metadata=metadata),
-            stub.Classify(request, timeout=10, metadata=metadata),
-            _drain(stub.ClassifyStream(iter([request]), timeout=10, metadata=metadata)),
-            stub.ClassifyBatch(pb.ClassifyBatchRequest(items=[request]), timeout=10, metadata=metadata),
+            stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=60, metadata=metadata),
+            stub.Classify(request, timeout=60, metadata=metadata),
+            _refused_stream(server.port, request, metadata),
+            stub.ClassifyBatch(pb.ClassifyBatchRequest(items=[request]), timeout=60, metadata=metadata),
         ):
             code, message = await _status(call)
             assert code is grpc.StatusCode.UNAUTHENTICATED, (token, code)
@@ -198,6 +196,20 @@ async def test_refusals_are_counted_without_deserialising_the_request(make_serve
 
 async def _drain(call):
     return [answer async for answer in call]
+
+
+async def _refused_stream(port: int, request: pb.ClassifyRequest, metadata) -> None:
+    """A ClassifyStream over the synchronous API, in a thread. When a server ends a stream before the
+    client has sent all of it (as a refusal at the door does), the asyncio client can report INTERNAL
+    "Internal error from Core" instead of the server's status, more often the busier the machine
+    (grpc/grpc#36066); the synchronous client reports what the server sent."""
+
+    def call() -> None:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stream = inference_pb2_grpc.InferenceServiceStub(channel).ClassifyStream
+            list(stream(iter([request]), timeout=60, metadata=metadata))
+
+    await asyncio.to_thread(call)
 
 
 async def test_every_configured_token_is_accepted(guarded):
@@ -247,6 +259,7 @@ async def test_many_concurrent_bad_tokens_do_not_disturb_good_calls(guarded):
     assert set(codes[20:]) == {grpc.StatusCode.UNAUTHENTICATED}
 
 
+@pytest.mark.slow
 def test_tokens_never_reach_the_log():
     """A real server at DEBUG, called with right and wrong tokens: neither appears in its output."""
     with ServerProcess("--log.level", "DEBUG", env={"CBAM_AUTH__TOKENS": ",".join(TOKENS)}) as server:
@@ -275,12 +288,9 @@ def test_a_refused_token_setting_does_not_echo_the_tokens(tmp_path, source):
         path = tmp_path / "tokens"
         path.write_text("\n".join(secrets) + "\n")
         argv = ["--auth.tokens_file", str(path)]
-    result = subprocess.run(
-        [sys.executable, "-m", "server", "--port", "0", *argv],
-        cwd=ROOT, env=server_env(env), capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+    result = run_to_exit(*argv, env=env)
     assert result.returncode == 2
-    assert "auth" in result.stderr
+    assert "auth" in result.output
     for secret in secrets:
         for part in secret.split():
-            assert part not in result.stdout + result.stderr, result.stderr
+            assert part not in result.output, result.output

@@ -22,10 +22,11 @@ from server.backends import AUTO, backend_choices, list_backends, register_backe
 from server.backends.base import ModelBackend
 from server.config import ModelSettings, load_settings
 from server.errors import StartupError
+from server.launcher import child_env
 from server.loading import load_model
 from server.runner import BatchItem, ModelRunner
 from tests.server.conftest import png
-from tests.support import ROOT, server_env
+from tests.support import ROOT
 
 onnx_installed = pytest.mark.skipif(
     any(importlib.util.find_spec(name) is None for name in ("onnxruntime", "onnxscript")),
@@ -56,7 +57,7 @@ def test_an_unknown_backend_is_refused_naming_the_field_and_the_choices() -> Non
 def test_help_lists_the_backends_without_importing_torch() -> None:
     result = subprocess.run(
         [sys.executable, "-X", "importtime", "-m", "server", "--help"],
-        cwd=ROOT, env={**server_env(), "COLUMNS": "200"}, capture_output=True, text=True, timeout=60,
+        cwd=ROOT, env=child_env({"COLUMNS": "200"}), capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "{auto,eager,compile,onnxruntime}" in result.stdout
@@ -91,7 +92,7 @@ def test_auto_serves_eager_when_onnxruntime_is_not_installed(tmp_path: Path) -> 
     """
     result = subprocess.run(
         [sys.executable, "-c", code, str(tmp_path)],
-        cwd=ROOT, env=server_env(), capture_output=True, text=True, timeout=120,
+        cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "eager"

@@ -148,6 +148,7 @@ def test_maps_reach_the_host_only_for_the_requests_that_asked(eager: ModelRunner
         _assert_same([outputs[row]], [alone])
 
 
+@pytest.mark.slow
 def test_onnxruntime_matches_eager(eager: ModelRunner) -> None:
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")

@@ -66,8 +66,8 @@ async def test_a_lone_item_waits_at_most_the_delay() -> None:
     started = time.monotonic()
     result = await batcher.submit(1)
     waited = time.monotonic() - started
-    assert result.batch_size == 1 and 0.04 <= waited < 0.5
-    assert result.queue_seconds == pytest.approx(waited, abs=0.02)
+    # At least the delay, and not some other unit of it (a slow machine may add to the upper side).
+    assert result.batch_size == 1 and 0.04 <= result.queue_seconds <= waited < 2.0
     await batcher.close()
 
 
@@ -93,10 +93,9 @@ async def test_full_queue_is_refused_at_once() -> None:
     await run.started.wait()
     queued = [asyncio.create_task(batcher.submit(i)) for i in (1, 2)]
     await asyncio.sleep(0)
-    started = time.monotonic()
+    refused = batcher.submit(3)
     with pytest.raises(Overloaded, match="2 requests already waiting"):
-        await batcher.submit(3)
-    assert time.monotonic() - started < 0.05
+        refused.send(None)  # raised by the coroutine's first step: the refusal waits for nothing
     assert sample(metrics, "cbam_dropped_requests_total", reason="overloaded") == 1
     run.release.set()
     await asyncio.gather(computing, *queued)

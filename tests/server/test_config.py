@@ -141,7 +141,7 @@ def _fields(model: type[BaseModel], prefix: str = "") -> list[str]:
 
 def test_help_shows_every_knob_with_its_description() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "server", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+        [sys.executable, "-m", "server", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=300,
         env={"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{ROOT}:{ROOT / 'proto'}", "COLUMNS": "200"},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr

@@ -8,10 +8,10 @@ import inspect
 import pytest
 
 MODULES = [
-    "app", "assembly", "auth", "batcher", "config", "errors", "gpu", "interceptors", "loading", "logs",
-    "metrics", "pipeline", "postprocess", "preprocess", "runner", "service", "tracing", "tuning", "__main__",
-    "backends", "backends.auto", "backends.base", "backends.cache", "backends.compiled", "backends.eager",
-    "backends.onnx",
+    "app", "assembly", "auth", "batcher", "config", "errors", "gpu", "interceptors", "launcher", "loading",
+    "logs", "metrics", "pipeline", "postprocess", "preprocess", "runner", "service", "supervisor", "tracing",
+    "tuning", "worker", "__main__", "backends", "backends.auto", "backends.base", "backends.cache",
+    "backends.compiled", "backends.eager", "backends.onnx",
 ]  # fmt: skip
 
 

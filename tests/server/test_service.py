@@ -14,7 +14,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from cbam.v1 import inference_pb2 as pb
 from cbam.v1 import inference_pb2_grpc
 from server.runner import ModelRunner
-from tests.server.conftest import eventually, png, sample
+from tests.server.conftest import png, sample
+from tests.support import eventually, steady
 
 INVALID, EXHAUSTED = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED
 
@@ -240,7 +241,7 @@ async def test_stop_finishes_calls_in_flight_and_queued(make_server, connect, ga
     await gate.wait_entered()
     await eventually(lambda: sample(server, "cbam_inflight_requests") == 5)
     stopping = asyncio.ensure_future(server.stop(10))
-    await asyncio.sleep(0.1)
+    await eventually(lambda: server.calls.draining)  # the stop has begun while all five wait
     gate.release()
     assert all(r.labels for r in await asyncio.gather(*calls))
     await stopping
@@ -349,8 +350,11 @@ async def test_a_stream_nobody_reads_stops_being_read(make_server) -> None:
     options = [("grpc.http2.bdp_probe", 0)]
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}", options=options) as channel:
         call = inference_pb2_grpc.InferenceServiceStub(channel).ClassifyStream(send())
-        await asyncio.sleep(2)
-        answered = sample(server, "cbam_requests_total", method="ClassifyStream", code="OK")
+        # Nothing is read: the count of answers must stop growing (at a bound, checked below).
+        answered = await steady(
+            lambda: sample(server, "cbam_requests_total", method="ClassifyStream", code="OK"),
+            what="the answers to a stream nobody reads",
+        )
         call.cancel()
     assert 8 <= answered < 100, answered
     await eventually(lambda: sample(server, "cbam_inflight_requests") == 0)

@@ -4,7 +4,6 @@ The spans themselves are checked end to end in tests/e2e/test_tracing.py."""
 
 from __future__ import annotations
 
-import subprocess
 import sys
 
 import grpc
@@ -17,8 +16,8 @@ from models import SAMPLES_DIR
 from server.config import Settings, Tracing
 from server.errors import StartupError
 from server.interceptors import GRPC_CODE_NAMES
+from server.launcher import ServerProcess, run_to_exit
 from server.tracing import Tracing as ServerTracing
-from tests.support import ROOT, ServerProcess, server_env
 
 # Runs cbam-serve where OpenTelemetry cannot be imported, whatever the environment has installed.
 WITHOUT_OPENTELEMETRY = (
@@ -89,13 +88,12 @@ def test_the_server_runs_without_opentelemetry_while_tracing_is_off():
 
 
 def test_the_server_refuses_to_start_with_tracing_on_and_no_opentelemetry():
-    done = subprocess.run(
-        [sys.executable, *WITHOUT_OPENTELEMETRY, "--port", "0", "--metrics.enabled", "false"],
-        cwd=ROOT, env=server_env({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9"}),
-        capture_output=True, text=True, timeout=120,
+    done = run_to_exit(
+        "--metrics.enabled", "false", env={"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9"},
+        command=WITHOUT_OPENTELEMETRY,
     )  # fmt: skip
-    assert done.returncode == 2, done.stderr
-    assert "tracing.enabled" in done.stderr and "cbam-serve[tracing]" in done.stderr
+    assert done.returncode == 2, done.output
+    assert "tracing.enabled" in done.output and "cbam-serve[tracing]" in done.output
 
 
 def test_grpc_codes_are_named_as_go_grpc_prometheus_names_them():

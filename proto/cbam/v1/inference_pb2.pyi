@@ -164,7 +164,7 @@ class BatchingInfo(_message.Message):
     def __init__(self, max_batch_size: _Optional[int] = ..., max_batch_delay_ms: _Optional[float] = ..., max_queue: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("arch", "version", "labels", "input_height", "input_width", "mean", "std", "device", "dtype", "attention_blocks", "batching", "num_parameters", "max_image_pixels", "max_message_bytes", "max_batch_items", "backend")
+    __slots__ = ("arch", "version", "labels", "input_height", "input_width", "mean", "std", "device", "dtype", "attention_blocks", "batching", "num_parameters", "max_image_pixels", "max_message_bytes", "max_batch_items", "backend", "workers", "worker")
     ARCH_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
@@ -181,6 +181,8 @@ class ModelInfo(_message.Message):
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_ITEMS_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    WORKER_FIELD_NUMBER: _ClassVar[int]
     arch: str
     version: str
     labels: _containers.RepeatedScalarFieldContainer[str]
@@ -197,4 +199,18 @@ class ModelInfo(_message.Message):
     max_message_bytes: int
     max_batch_items: int
     backend: str
-    def __init__(self, arch: _Optional[str] = ..., version: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., input_height: _Optional[int] = ..., input_width: _Optional[int] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., attention_blocks: _Optional[_Iterable[str]] = ..., batching: _Optional[_Union[BatchingInfo, _Mapping]] = ..., num_parameters: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_batch_items: _Optional[int] = ..., backend: _Optional[str] = ...) -> None: ...
+    workers: _containers.RepeatedCompositeFieldContainer[WorkerInfo]
+    worker: int
+    def __init__(self, arch: _Optional[str] = ..., version: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., input_height: _Optional[int] = ..., input_width: _Optional[int] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., attention_blocks: _Optional[_Iterable[str]] = ..., batching: _Optional[_Union[BatchingInfo, _Mapping]] = ..., num_parameters: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_batch_items: _Optional[int] = ..., backend: _Optional[str] = ..., workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ..., worker: _Optional[int] = ...) -> None: ...
+
+class WorkerInfo(_message.Message):
+    __slots__ = ("index", "pid", "ready", "restarts")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    READY_FIELD_NUMBER: _ClassVar[int]
+    RESTARTS_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    pid: int
+    ready: bool
+    restarts: int
+    def __init__(self, index: _Optional[int] = ..., pid: _Optional[int] = ..., ready: _Optional[bool] = ..., restarts: _Optional[int] = ...) -> None: ...
