@@ -1,11 +1,17 @@
 """The fault matrix: start cbam-serve, drive steady load through the project's client (retries off and
 on), inject every fault in turn, count every call, and write docs/RELIABILITY.md's table and a JSON file.
 
-    python scripts/faults.py                          # the long form (about 20 minutes: the soak is 10)
-    python scripts/faults.py --workers 1,2            # the same with one server process, then 2 workers
+    python scripts/faults.py --workers 1,2            # the long form: docs/RELIABILITY.md's table
+    python scripts/faults.py                          # the long form, one server process only
     python scripts/faults.py --short                  # the short form (what CI runs, fault by fault)
     python scripts/faults.py --short --only sigterm,burst --no-doc
     python scripts/faults.py -- --arch cbam_resnet18  # arguments after -- go to the server
+
+The long form with --workers 1,2 is what docs/RELIABILITY.md's table comes from: every fault on one
+server process, then on a supervisor with 2 workers; about 45 minutes (an estimate, not yet timed: per
+matrix a 10-minute soak and some 10 minutes of the other faults), on a quiet machine. It writes the
+table into docs/RELIABILITY.md and every figure into docs/reliability.json. The short form takes about
+2 minutes.
 
 Outcomes, faults and targets: docs/RELIABILITY.md. The exit status is 0 when no fault lost more calls
 than its target allows, 1 otherwise. Run it from a checkout: the hostile requests are the corpus of
@@ -44,7 +50,8 @@ from tests.reliability import corpus  # noqa: E402
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="faults.py",
-        description=__doc__.split("\n\n")[0],
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Arguments after -- go to every `python -m server` the matrix starts.",
     )
     parser.add_argument(

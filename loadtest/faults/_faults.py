@@ -185,6 +185,9 @@ async def _stop_and_restart(run: FaultRun, sig: int) -> tuple[float, float]:
     exited = time.monotonic()
     drained = bool(service.events("draining")) and bool(service.events("stopped"))
     run.evidence.update(exit_code=code, drained=drained, exit_s=round(exited - signalled, 2))
+    if service.workers > 1:  # each worker logs its own "stopped" (with its index) once it has drained
+        stopped = {event["worker"] for event in service.events("stopped") if "worker" in event}
+        run.evidence["workers_stopped"] = len(stopped)
     await asyncio.to_thread(service.start)
     run.evidence["restart_s"] = round(time.monotonic() - exited, 2)
     return signalled, exited
@@ -391,11 +394,18 @@ class ModelFault(Fault):
     async def inject(self, run: FaultRun) -> None:
         service = run.service
         logged = len(service.events(_FORWARD_FAILED))
-        # debug.fail_batch_on_sigusr1: the next forward of that process raises once.
-        os.kill((service.worker_pids() or [service.pid])[0], signal.SIGUSR1)
+        # debug.fail_batch_on_sigusr1: the next forward of that process raises once. Every worker gets
+        # one: which of them the load's connections reached is the kernel's choice.
+        targets = service.worker_pids() or [service.pid]
+        for pid in targets:
+            os.kill(pid, signal.SIGUSR1)
         await _wait(lambda: len(service.events(_FORWARD_FAILED)) > logged, "the injected fault")
         event = service.events(_FORWARD_FAILED)[logged]
-        run.evidence.update(failed_batch_size=event.get("batch_size"), error=event.get("error"))
+        run.evidence.update(
+            processes_signalled=len(targets),
+            failed_batch_size=event.get("batch_size"),
+            error=event.get("error"),
+        )
 
 
 @_register

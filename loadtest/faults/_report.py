@@ -73,22 +73,46 @@ def markdown_table(
             lines.append(
                 f"- **{result.name}** ({result.service}, {result.fault_s:.1f} s): {_facts(result.evidence)}"
             )
+    lines += _fuzz_answers(results)
     lost_ok = all(r.lost_within_target for r in results if not r.skipped)
     recovered = [r.recovered_within_target for r in results if not r.skipped]
-    soak = [r.evidence for r in results if r.name == "soak" and not r.skipped]
+    soaks = [
+        f"{r.service} ({r.evidence['seconds']:.0f} s): {r.evidence['rss_growth_pct']:+.2f} %, "
+        f"slope {r.evidence['rss_slope_mb_per_min']:+.3f} MB/min"
+        for r in results
+        if r.name == "soak" and not r.skipped
+    ]
     lines += [
         "",
         f"Targets: lost within target for every fault: **{'yes' if lost_ok else 'no'}**; "
         f"p99 back within {RECOVERY_TOLERANCE:g}× its value before the fault within {RECOVERY_TARGET_S:g} s: "
         f"**{sum(r is True for r in recovered)} of {sum(r is not None for r in recovered)} faults**"
         + (
-            f"; RSS growth over the soak ({soak[0]['seconds']:.0f} s): {soak[0]['rss_growth_pct']:+.2f} % "
-            f"(target < {RSS_GROWTH_TARGET_PCT:g} %), slope {soak[0]['rss_slope_mb_per_min']:+.3f} MB/min."
-            if soak
+            f"; RSS growth over the soak (target < {RSS_GROWTH_TARGET_PCT:g} %): {'; '.join(soaks)}."
+            if soaks
             else "."
         ),
     ]
     return "\n".join(lines) + "\n"
+
+
+def _fuzz_answers(results: Sequence[FaultResult]) -> list[str]:
+    """Per method, the statuses its fuzzed bodies got (the hostile fault's evidence)."""
+    runs = [r for r in results if not r.skipped and "fuzz_answers" in r.evidence]
+    if not runs:
+        return []
+    lines = [
+        "",
+        "Fuzzed protobuf bodies, per method, and the statuses they got (the target: an answer, or a status "
+        "that blames the bytes such as INVALID_ARGUMENT, or UNIMPLEMENTED; never INTERNAL or UNKNOWN):",
+        "",
+    ]
+    lines += ["| service | method | bodies | statuses |", "| --- | --- | ---: | --- |"]
+    for result in runs:
+        for method, codes in result.evidence["fuzz_answers"].items():
+            statuses = ", ".join(f"{code} {count:,}" for code, count in sorted(codes.items()))
+            lines.append(f"| {result.service} | `{method}` | {sum(codes.values()):,} | {statuses} |")
+    return lines
 
 
 def replace_table(document: Path, table: str) -> None:

@@ -35,6 +35,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 # Whatever the fault, no call of a well-formed request may end like this (unless the process was killed).
 NEVER = {"CANCELLED", "INTERNAL", "UNKNOWN", "NO_ANSWER"}
+# What a fuzzed body may get, by name (loadtest/faults' FUZZ_EXPECTED): never INTERNAL or UNKNOWN.
+FUZZ_EXPECTED_NAMES = {"OK", "INVALID_ARGUMENT", "NOT_FOUND", "OUT_OF_RANGE", "UNIMPLEMENTED"}
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +82,30 @@ async def test_sigkill_loses_at_most_the_calls_in_flight_and_none_with_retries(s
     assert not NEVER & set(result.tallies[RETRIES_ON].codes)
 
 
+@pytest.fixture(scope="module")
+def workers():
+    """A supervisor and 2 workers, as `scripts/faults.py --workers 2` runs them."""
+    with Service([*matrix_server_args(short=True), "--workers", "2"]) as s:
+        yield s
+
+
+async def test_sigkill_of_one_worker_is_restarted_by_the_supervisor_and_loses_nothing_with_retries(workers):
+    result = await _run("sigkill", workers)
+    assert result.evidence["killed_worker_pid"] not in workers.worker_pids(), result.evidence
+    assert len(workers.worker_pids()) == 2
+    assert result.tallies[RETRIES_ON].lost == 0, result.lost_examples
+    assert result.tallies[RETRIES_OFF].lost <= result.allowed_lost[RETRIES_OFF]
+    assert not NEVER & set(result.tallies[RETRIES_ON].codes), result.tallies[RETRIES_ON].codes
+
+
+async def test_sigterm_drains_every_worker_and_cancels_nothing(workers):
+    result = await _run("sigterm", workers)
+    assert result.evidence["exit_code"] == 0 and result.evidence["drained"], result.evidence
+    assert result.evidence["workers_stopped"] == 2, result.evidence
+    for population, t in result.tallies.items():
+        assert t.lost == 0 and not NEVER & set(t.codes), (population, t.codes)
+
+
 async def test_a_burst_of_ten_times_the_queue_is_answered_or_refused_and_nothing_lost(service):
     result = await _run("burst", service)
     burst = result.tallies[FAULT]
@@ -121,9 +147,15 @@ async def test_hostile_and_fuzzed_messages_get_clear_statuses_and_good_traffic_i
     assert result.evidence["corpus_cases"] > 50 and result.evidence["fuzzed_bodies"] > 0
     assert hostile.lost == 0 and hostile.client_error > 0
     fuzzed = result.evidence["fuzz_answers"]
-    for method in ("Classify", "ClassifyStream", "ClassifyBatch", "GetModelInfo"):
-        assert sum(fuzzed[f"/cbam.v1.InferenceService/{method}"].values()) == SHORT.fuzz_per_method
-    assert "/grpc.health.v1.Health/Check" in fuzzed
+    inference = {f"/cbam.v1.InferenceService/{m}" for m in ("Classify", "ClassifyStream", "ClassifyBatch")}
+    others = {"/cbam.v1.InferenceService/GetModelInfo", "/grpc.health.v1.Health/Check"}
+    assert inference | others <= set(fuzzed), sorted(fuzzed)
+    assert any("ServerReflection" in method for method in fuzzed), sorted(fuzzed)
+    for method, codes in fuzzed.items():  # every method the server lists, each with its own verdicts
+        assert sum(codes.values()) == SHORT.fuzz_per_method, (method, codes)
+        assert set(codes) <= FUZZ_EXPECTED_NAMES, (method, codes)
+    for method in inference:  # these bytes cannot all be valid requests: some were refused as such
+        assert fuzzed[method].get("INVALID_ARGUMENT", 0) > 0, (method, fuzzed[method])
     assert result.evidence["health_after"] == "SERVING"
     assert result.tallies[RETRIES_OFF].lost == result.tallies[RETRIES_ON].lost == 0
 
