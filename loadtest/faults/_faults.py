@@ -215,7 +215,19 @@ class Sigkill(Fault):
 
     async def _kill_a_worker(self, run: FaultRun, service: Service) -> None:
         restarts = await asyncio.to_thread(service.sample, "cbam_worker_restarts_total")
-        victim = service.worker_pids()[0]
+        # The kernel spreads connections over the workers by a hash: kill the one that answers the
+        # most of the load now, not one that may hold no connection at all.
+        before = await asyncio.to_thread(service.per_worker, "cbam_requests_total")
+        growth: dict[str, float] = {}
+
+        def answering() -> bool:
+            now = service.per_worker("cbam_requests_total")
+            growth.update({w: now[w] - before.get(w, 0.0) for w in now})
+            return any(g > 0 for g in growth.values())
+
+        await _wait(answering, "the workers answering the load")
+        index = max(growth, key=growth.__getitem__)
+        victim = service.worker_pid(index)
         killed = time.monotonic()
         os.kill(victim, signal.SIGKILL)
         await _wait(lambda: service.sample("cbam_worker_restarts_total") > restarts, "the worker's restart")
@@ -224,7 +236,12 @@ class Sigkill(Fault):
             lambda: service.sample("cbam_workers", state="serving") == service.workers,
             "every worker serving again",
         )
-        run.evidence.update(killed_worker_pid=victim, restart_s=round(time.monotonic() - killed, 2))
+        run.evidence.update(
+            killed_worker=index,
+            killed_worker_pid=victim,
+            its_share_of_calls=round(growth[index] / sum(growth.values()), 2),
+            restart_s=round(time.monotonic() - killed, 2),
+        )
 
     def allowed_lost(self, run: FaultRun) -> dict[str, int]:
         # Without retries, at most the calls that were in flight while the process died; with the

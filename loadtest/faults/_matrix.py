@@ -127,7 +127,7 @@ def _model_info(target: str) -> pb.ModelInfo:
 
 def _describe(service: Service | Balanced) -> str:
     if isinstance(service, Balanced):
-        return "nginx + 2 replicas"
+        return f"nginx + 2 replicas of {_describe(service.replicas[0])}"
     return f"{service.workers} workers" if service.workers > 1 else "1 process"
 
 

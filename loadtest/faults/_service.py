@@ -116,6 +116,22 @@ class Service:
         """The worker processes (none when the server is one process)."""
         return _children(self.pid) if self.workers > 1 else []
 
+    def worker_pid(self, index: str) -> int:
+        """The process of worker ``index`` now (the supervisor logs each start with its pid)."""
+        started = [e for e in self.events("worker started") if str(e.get("worker")) == index]
+        if not started:
+            raise LookupError(f"no worker {index} has started")
+        return int(started[-1]["pid"])
+
+    def per_worker(self, name: str) -> dict[str, float]:
+        """The /metrics samples called ``name``, summed per ``worker`` label (a supervisor's page)."""
+        sums: dict[str, float] = {}
+        for (sample, labels), value in scrape(self.metrics_url).items():
+            worker = dict(labels).get("worker")
+            if sample == name and worker is not None:
+                sums[worker] = sums.get(worker, 0.0) + value
+        return sums
+
     def rss_mb(self) -> float:
         """Resident memory of the main process and its workers."""
         return sum(_rss_mb(pid) for pid in [self.pid, *self.worker_pids()])

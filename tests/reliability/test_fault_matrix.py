@@ -91,6 +91,8 @@ def workers():
 
 async def test_sigkill_of_one_worker_is_restarted_by_the_supervisor_and_loses_nothing_with_retries(workers):
     result = await _run("sigkill", workers)
+    # The worker killed was answering calls of the load (the kernel may give another no connection).
+    assert result.evidence["its_share_of_calls"] > 0, result.evidence
     assert result.evidence["killed_worker_pid"] not in workers.worker_pids(), result.evidence
     assert len(workers.worker_pids()) == 2
     assert result.tallies[RETRIES_ON].lost == 0, result.lost_examples
