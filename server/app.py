@@ -47,6 +47,7 @@ __all__ = ["InferenceServer", "build_server", "plaintext_warning", "serve"]
 
 _log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
+HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
 
 class InferenceServer:
@@ -184,6 +185,8 @@ def build_server(
     metrics = ServerMetrics()
     if runner is None:
         runner = ModelRunner.from_settings(settings.model, settings.batching.max_batch_size)
+    if settings.debug.fail_batch_on_sigusr1:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, runner.fail_next_forward)
     d = runner.description
     metrics.describe_model(arch=d.arch, version=d.version, device=d.device, dtype=d.dtype, backend=d.backend)
     if runner.device.type == "cuda":
@@ -205,6 +208,12 @@ def build_server(
             ("grpc.max_receive_message_length", limits.max_message_bytes),
             ("grpc.max_send_message_length", -1),
             ("grpc.max_concurrent_streams", limits.max_concurrent_streams),
+            # gRPC core's own defaults (1,000, and 3,000 at most) CANCEL calls that arrive faster than
+            # the event loop takes them up, before any handler could refuse them with a reason: a burst
+            # of 10x the batch queue lost two thirds of its calls. A soft limit equal to the hard one
+            # turns off its random early drops below it.
+            ("grpc.server.max_pending_requests", limits.max_pending_calls),
+            ("grpc.server.max_pending_requests_hard_limit", limits.max_pending_calls),
             # A second server on the same port must fail, not share it; workers share it on purpose.
             ("grpc.so_reuseport", 1 if share_port else 0),
         ],
@@ -229,7 +238,7 @@ def build_server(
     if settings.reflection:
         names = (
             *services,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            HEALTH_SERVICE_NAME,
             reflection.SERVICE_NAME,
         )
         reflection.enable_server_reflection(names, server)
@@ -356,7 +365,8 @@ def _interceptors(
     settings: Settings, metrics: ServerMetrics, services: tuple[str, ...]
 ) -> list[grpc.aio.ServerInterceptor]:
     # The first runs first: a caller without a token is refused before its message is parsed.
-    parse = ParseRequests(services)
+    # Every service's messages are parsed there, health's and reflection's too (gRPC would say UNKNOWN).
+    parse = ParseRequests((*services, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME))
     tokens = [token.get_secret_value() for token in settings.auth.tokens]
     if not tokens:
         return [parse]

@@ -36,6 +36,7 @@ from server.backends import AUTO, backend_choices, describe_backends
 __all__ = [
     "Auth",
     "Batching",
+    "Debug",
     "Limits",
     "Log",
     "Metrics",
@@ -161,6 +162,12 @@ class Limits(_Group):
     )
     max_concurrent_rpcs: int = Field(
         4096, ge=1, description="Most calls the server handles at once; beyond it RESOURCE_EXHAUSTED."
+    )
+    max_pending_calls: int = Field(
+        16384,
+        ge=1,
+        description="Most calls gRPC holds for the server before it takes them up (a burst's backlog); "
+        "beyond it gRPC cancels new calls at once (CANCELLED).",
     )
 
 
@@ -341,6 +348,16 @@ class Tracing(_Group):
         return self
 
 
+class Debug(_Group):
+    """Fault injection for reliability runs (scripts/faults.py); off in production."""
+
+    fail_batch_on_sigusr1: bool = Field(
+        False,
+        description="Each SIGUSR1 makes the next batch's forward raise once, as a model fault would "
+        "(the batch is then run again in halves). For fault-injection runs only.",
+    )
+
+
 class Settings(BaseSettings):
     """cbam-serve: a gRPC inference service for CBAM-ResNet image classifiers.
 
@@ -408,6 +425,7 @@ class Settings(BaseSettings):
     metrics: Metrics = Metrics()
     log: Log = Log()
     tracing: Tracing = Field(default_factory=Tracing)  # a factory: its default reads the environment
+    debug: Debug = Debug()
 
     @classmethod
     def settings_customise_sources(

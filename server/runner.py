@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -36,10 +37,14 @@ from server.loading import load_model, resolve_device, resolve_dtype
 if TYPE_CHECKING:
     from models import CheckpointMetadata
 
-__all__ = ["BatchItem", "ItemOutput", "ModelDescription", "ModelRunner", "warm_up_sizes"]
+__all__ = ["BatchItem", "InjectedFault", "ItemOutput", "ModelDescription", "ModelRunner", "warm_up_sizes"]
 
 _log = logging.getLogger(__name__)
 _CPU = torch.device("cpu")
+
+
+class InjectedFault(RuntimeError):
+    """Raised by a forward on purpose: ``ModelRunner.fail_next_forward`` (fault-injection runs)."""
 
 
 @dataclass(frozen=True)
@@ -127,6 +132,7 @@ class ModelRunner:
         )  # fmt: skip
         threads = torch.get_num_threads()
         self._target = BackendTarget(device, dtype, input_size, threads, cache or ArtefactCache())
+        self._fail_next = threading.Event()  # fail_next_forward(): set on the event loop, read in the forward
         self.description = ModelDescription(
             arch=meta.arch,
             version=meta.version,
@@ -161,12 +167,13 @@ class ModelRunner:
             cache=ArtefactCache(settings.cache_dir),
         )
 
-    def run_batch(self, items: Sequence[BatchItem]) -> list[ItemOutput]:
+    def run_batch(self, items: Sequence[BatchItem], *, retry: bool = True) -> list[ItemOutput]:
         """One forward pass over ``items``; maps only if some item asked, for the blocks any asked for.
 
         When the device runs out of memory the batch is split in halves until the parts fit, so a
         batch too large for the moment still gets right answers; one image that does not fit alone
-        raises OutOfMemory.
+        raises OutOfMemory. A forward that fails otherwise is run once more: a passing fault costs
+        time, not answers; one that stays fails the batch.
         """
         try:
             return self._forward(items, self._backend)
@@ -184,6 +191,16 @@ class ModelRunner:
                 return [_join_rows(self.run_batch(parts[:1]) + self.run_batch(parts[1:]))]
             half = len(items) // 2
             return self.run_batch(items[:half]) + self.run_batch(items[half:])
+        except Exception as exc:
+            if not retry:
+                raise
+            fields = {"batch_size": len(items), "error": repr(exc)}
+            _log.warning("forward failed, running the batch once more", extra={"fields": fields})
+            return self.run_batch(items, retry=False)
+
+    def fail_next_forward(self) -> None:
+        """Make the next forward raise, once (debug.fail_batch_on_sigusr1: fault-injection runs)."""
+        self._fail_next.set()
 
     def warm_up(self, batch_sizes: Iterable[int]) -> None:
         """Run every batch size once (and attention once), so the first requests pay no set-up cost.
@@ -264,6 +281,9 @@ class ModelRunner:
                                f"{self.device}: {exc}") from None  # fmt: skip
 
     def _forward(self, items: Sequence[BatchItem], backend: ModelBackend) -> list[ItemOutput]:
+        if self._fail_next.is_set():
+            self._fail_next.clear()
+            raise InjectedFault(f"fault injected into a forward of {len(items)} images (SIGUSR1)")
         wanted: set[str] = set()
         for item in items:
             if item.blocks is not None:

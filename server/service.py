@@ -4,6 +4,7 @@ status of a failure, metrics, logging) is server/calls.py's.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 
@@ -215,6 +216,7 @@ class ParseRequests(grpc.aio.ServerInterceptor):
 
 
 def _parsing(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """``handler`` taking raw bytes and parsing them itself; any of the four kinds of call."""
     deserialize = handler.request_deserializer
     descriptor = getattr(getattr(deserialize, "__self__", None), "DESCRIPTOR", None)
     name = descriptor.full_name if descriptor is not None else "request"
@@ -226,23 +228,31 @@ def _parsing(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
             message = f"request: not a valid {name} message ({exc})"
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
 
-    if not handler.request_streaming and not handler.response_streaming:
+    async def each(raw_requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext):
+        async for raw in raw_requests:
+            yield await parse(raw, context)
 
-        async def unary(raw: bytes, context: grpc.aio.ServicerContext):
-            return await handler.unary_unary(await parse(raw, context), context)
+    async def requests(raw, context: grpc.aio.ServicerContext):
+        return each(raw, context) if handler.request_streaming else await parse(raw, context)
 
-        behaviour = unary
-    elif handler.request_streaming and handler.response_streaming:
+    if not handler.response_streaming:
+        answer = handler.stream_unary if handler.request_streaming else handler.unary_unary
 
-        async def stream(raw_requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext):
-            async def requests():
-                async for raw in raw_requests:
-                    yield await parse(raw, context)
+        async def unary(raw, context: grpc.aio.ServicerContext):
+            return await answer(await requests(raw, context), context)
 
-            async for response in handler.stream_stream(requests(), context):
-                yield response
+        return rebuild(handler, unary, request_deserializer=None)
 
-        behaviour = stream
-    else:  # neither protocol has other kinds of call
-        return handler
-    return rebuild(handler, behaviour, request_deserializer=None)
+    answers = handler.stream_stream if handler.request_streaming else handler.unary_stream
+    # An async generator, or a coroutine that writes with context.write() (grpc's health Watch).
+    generates = inspect.isasyncgenfunction(answers)
+
+    async def stream(raw, context: grpc.aio.ServicerContext):
+        request = await requests(raw, context)
+        if not generates:
+            await answers(request, context)
+            return
+        async for response in answers(request, context):
+            yield response
+
+    return rebuild(handler, stream, request_deserializer=None)

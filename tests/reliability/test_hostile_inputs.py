@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from cbam.v1 import inference_pb2 as pb
+from loadtest.faults import served_methods
 from server.launcher import metric
 from tests.reliability import corpus
 from tests.reliability.probes import (
@@ -334,3 +335,32 @@ async def test_bytes_that_are_not_a_request_message_are_invalid_argument(server,
     errors = [line for line in server.lines[log_from:] if '"level": "ERROR"' in line]
     assert not errors, f"a hostile message logged an error: {errors[:1]}"
     assert health_status(server.address) == "SERVING"
+
+
+async def test_every_method_of_every_service_refuses_bytes_that_are_not_its_message(server, log_from):
+    """Every method the server lists by reflection (health and reflection too, and whatever is added
+    later): INVALID_ARGUMENT naming its request message, never gRPC's UNKNOWN with a traceback."""
+    methods = await asyncio.to_thread(served_methods, server.address)
+    assert {"/grpc.health.v1.Health/Check", "/cbam.v1.InferenceService/Classify"} <= {m.path for m in methods}
+    raw = b"\xff\xff\xff"
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        for method in methods:
+            if method.client_streaming:
+                make = channel.stream_stream if method.server_streaming else channel.stream_unary
+                call = make(method.path)(iter([raw]), timeout=10)
+            else:
+                make = channel.unary_stream if method.server_streaming else channel.unary_unary
+                call = make(method.path)(raw, timeout=10)
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                if method.server_streaming:
+                    async for _ in call:
+                        pass
+                else:
+                    await call
+            assert raised.value.code() is grpc.StatusCode.INVALID_ARGUMENT, (
+                method.path,
+                raised.value.details(),
+            )
+            assert method.request.full_name in raised.value.details()
+    errors = [line for line in server.lines[log_from:] if '"level": "ERROR"' in line]
+    assert not errors, f"a hostile message logged an error: {errors[:1]}"

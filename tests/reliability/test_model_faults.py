@@ -1,4 +1,5 @@
-"""Faults inside the model: an exception fails only its batch; CUDA out-of-memory splits the batch.
+"""Faults inside the model: a failed forward is run once more, so a passing fault costs no answer and
+one that stays fails only its batch; CUDA out-of-memory splits the batch.
 
 The faults are injected on the CPU by serving the model through a `FaultyModel` wrapper: a runner built
 with an eager backend around it (`ModelRunner(..., backend=EagerBackend(model))`) is handed to
@@ -9,6 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import os
+import signal
 from collections.abc import Callable
 
 import grpc
@@ -32,7 +36,8 @@ BATCH = 8
 
 
 class FaultyModel(nn.Module):
-    """The served model, with faults on demand: ``fail_next(exc)`` or ``oom_above(size)``."""
+    """The served model, with faults on demand: ``fail_next(exc)``, ``fail_always(exc)``,
+    ``fail_with_uniform_images(exc)`` or ``oom_above(size)``."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -40,10 +45,20 @@ class FaultyModel(nn.Module):
         self.attention_blocks = model.attention_blocks
         self.batch_sizes: list[int] = []
         self._next: collections.deque[BaseException] = collections.deque()
+        self._always: BaseException | None = None
+        self._uniform: BaseException | None = None
         self._oom_above: int | None = None
 
     def fail_next(self, exc: BaseException) -> None:
         self._next.append(exc)
+
+    def fail_always(self, exc: BaseException | None) -> None:
+        """Raise ``exc`` from every forward (None: stop)."""
+        self._always = exc
+
+    def fail_with_uniform_images(self, exc: BaseException | None) -> None:
+        """Raise ``exc`` from every forward whose batch holds an image of one colour (None: stop)."""
+        self._uniform = exc
 
     def oom_above(self, size: int | None) -> None:
         """Raise torch.cuda.OutOfMemoryError for every batch larger than ``size`` (None: never)."""
@@ -53,6 +68,11 @@ class FaultyModel(nn.Module):
         self.batch_sizes.append(x.shape[0])
         if self._next:
             raise self._next.popleft()
+        if self._always is not None:
+            raise self._always
+        pixels = x.flatten(2)
+        if self._uniform is not None and (pixels.amax(2) == pixels.amin(2)).all(1).any():
+            raise self._uniform
         if self._oom_above is not None and x.shape[0] > self._oom_above:
             raise torch.cuda.OutOfMemoryError(
                 f"CUDA out of memory. Tried to allocate {x.shape[0] * 512} MiB (injected by the test)"
@@ -67,13 +87,13 @@ class FaultyModel(nn.Module):
         return self.inner.forward_with_attention(x, blocks=blocks)
 
 
-@pytest.fixture
-async def faulty():
+@contextlib.asynccontextmanager
+async def _faulty_server(*more_args: str):
     """(model, stub, server): an in-process server over a FaultyModel, where BATCH concurrent requests
     form one batch (the batch delay is generous)."""
     settings = load_settings([
         "--host", "127.0.0.1", "--port", "0", "--metrics.enabled", "false",
-        "--batching.max_batch_size", str(BATCH), "--batching.max_batch_delay_ms", "10000",
+        "--batching.max_batch_size", str(BATCH), "--batching.max_batch_delay_ms", "10000", *more_args,
     ])  # fmt: skip
     served, meta = load_model(settings.model)
     model = FaultyModel(served)
@@ -89,7 +109,14 @@ async def faulty():
         await server.stop(0)
 
 
+@pytest.fixture
+async def faulty():
+    async with _faulty_server() as served:
+        yield served
+
+
 IMAGES = [corpus.encode(corpus.picture(24, 24, seed=s)) for s in range(BATCH)]
+UNIFORM = corpus.encode(np.full((24, 24, 3), 128, np.uint8))
 
 
 async def _one_batch(stub, make: Callable[[int], pb.ClassifyRequest] | None = None) -> list:
@@ -106,33 +133,64 @@ def _probabilities(response: pb.ClassifyResponse) -> np.ndarray:
     return out
 
 
-async def test_an_exception_in_the_model_fails_only_its_batch_and_the_next_batch_succeeds(faulty):
+def _internal(registry) -> float:
+    return registry.get_sample_value("cbam_requests_total", {"method": "Classify", "code": "INTERNAL"}) or 0.0
+
+
+async def test_a_passing_model_fault_costs_a_second_forward_not_an_answer(faulty):
     model, stub, server = faulty
-    model.fail_next(RuntimeError("kernel exploded: secret internal detail"))
+    expected = [_probabilities(r) for r in await _one_batch(stub)]
+    model.batch_sizes.clear()
+    model.fail_next(RuntimeError("kernel exploded once"))
+    got = await _one_batch(stub)
+    assert model.batch_sizes == [BATCH, BATCH], "not one batch, then the same batch again"
+    assert all(isinstance(r, pb.ClassifyResponse) for r in got), [r for r in got if isinstance(r, Exception)]
+    for want, response in zip(expected, got, strict=True):
+        np.testing.assert_allclose(_probabilities(response), want, atol=1e-5)
+    assert _internal(server.metrics.registry) == 0
+
+
+async def test_a_model_that_always_fails_answers_internal_then_recovers(faulty):
+    model, stub, server = faulty
+    model.fail_always(RuntimeError("kernel exploded: secret internal detail"))
     failed = await _one_batch(stub)
-    assert model.batch_sizes == [BATCH], "the requests did not form one batch"
+    model.fail_always(None)
     for outcome in failed:
         assert isinstance(outcome, grpc.aio.AioRpcError)
         assert outcome.code() is grpc.StatusCode.INTERNAL
         assert outcome.details() and "secret internal detail" not in outcome.details()
+    assert _internal(server.metrics.registry) == BATCH
     ok = await _one_batch(stub)
     assert all(isinstance(o, pb.ClassifyResponse) and o.labels for o in ok)
-    registry = server.metrics.registry
-    internal = registry.get_sample_value("cbam_requests_total", {"method": "Classify", "code": "INTERNAL"})
-    assert internal == BATCH
 
 
-async def test_a_failed_batch_fails_only_its_own_stream_items(faulty):
+async def test_a_model_fault_that_stays_fails_only_its_own_batch_of_stream_items(faulty):
     model, stub, _ = faulty
-    model.fail_next(ValueError("bad weights"))
-    requests = [pb.ClassifyRequest(request_id=f"s{i}", encoded=IMAGES[i % BATCH]) for i in range(2 * BATCH)]
+    model.fail_with_uniform_images(ValueError("bad weights for this one"))
+    images = [UNIFORM if i == 5 else IMAGES[i % BATCH] for i in range(2 * BATCH)]
+    requests = [pb.ClassifyRequest(request_id=f"s{i}", encoded=image) for i, image in enumerate(images)]
     answers = [a async for a in stub.ClassifyStream(iter(requests), timeout=30)]
-    outcomes = collections.Counter(a.WhichOneof("outcome") for a in answers)
+    model.fail_with_uniform_images(None)
+    failed = [a for a in answers if a.WhichOneof("outcome") == "error"]
     assert len(answers) == 2 * BATCH
-    assert outcomes == {"error": BATCH, "response": BATCH}, outcomes  # the second batch went through
-    for answer in answers:
-        if answer.WhichOneof("outcome") == "error":
-            assert answer.error.code == grpc.StatusCode.INTERNAL.value[0] and answer.error.message
+    assert len(failed) == BATCH and "s5" in {a.request_id for a in failed}, (
+        failed
+    )  # the other batch went through
+    for answer in failed:
+        assert answer.error.code == grpc.StatusCode.INTERNAL.value[0] and answer.error.message
+
+
+async def test_the_debug_setting_makes_sigusr1_fail_the_next_forward_once():
+    """debug.fail_batch_on_sigusr1, as scripts/faults.py uses it: SIGUSR1 makes the next forward raise
+    (before the model runs), the batch is run once more, and every request is answered."""
+    async with _faulty_server("--debug.fail_batch_on_sigusr1", "true") as (model, stub, _):
+        os.kill(os.getpid(), signal.SIGUSR1)
+        await asyncio.sleep(0)  # the loop runs the handler
+        outcomes = await _one_batch(stub)
+        again = await _one_batch(stub)
+    assert all(isinstance(o, pb.ClassifyResponse) for o in outcomes + again)
+    # The injected fault raised before the model ran: it saw the batch once, then the next batch.
+    assert model.batch_sizes == [BATCH, BATCH], model.batch_sizes
 
 
 async def test_out_of_memory_splits_the_batch_until_it_fits_and_every_answer_is_right(faulty):
