@@ -116,8 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     warmup = args.warmup if args.warmup is not None else preset["warmup"]
     console = Console(stderr=True)
     try:
-        server_cpus = _cpu_set(args.server_cpus, "--server-cpus")
-        client_cpus = _cpu_set(args.client_cpus, "--client-cpus")
+        server_cpus, client_cpus = _cpu_sets(args)
     except ValueError as exc:
         parser.error(str(exc))
     # Before any torch work: the ceiling's threads (and the servers started from here) get the
@@ -464,12 +463,11 @@ def _parser() -> argparse.ArgumentParser:
         help="model.backend of the servers, and what the ceiling runs (default auto: the one the server "
         "tries first on this machine, named in the report)",
     )
-    parser.add_argument(
-        "--server-cpus",
-        metavar="LIST",
-        help="cores (e.g. 0 or 0-1) for the ceiling and the servers; torch threads follow (default: all)",
+    _add_cpu_options(
+        parser,
+        server="cores (e.g. 0 or 0-1) for the ceiling and the servers; torch threads follow (default: all)",
+        client="cores for the load generator (default: all)",
     )
-    parser.add_argument("--client-cpus", metavar="LIST", help="cores for the load generator (default: all)")
     parser.add_argument(
         "--cbam-cost",
         action="store_true",
@@ -513,6 +511,17 @@ def _parser() -> argparse.ArgumentParser:
         "--server-arg=0)",
     )
     return parser
+
+
+def _add_cpu_options(parser: argparse.ArgumentParser, *, server: str, client: str) -> None:
+    """--server-cpus and --client-cpus (read back by _cpu_sets), with these helps."""
+    parser.add_argument("--server-cpus", metavar="LIST", help=server)
+    parser.add_argument("--client-cpus", metavar="LIST", help=client)
+
+
+def _cpu_sets(args: argparse.Namespace) -> tuple[set[int] | None, set[int] | None]:
+    """The cores of --server-cpus and --client-cpus; raises ValueError naming a bad flag."""
+    return _cpu_set(args.server_cpus, "--server-cpus"), _cpu_set(args.client_cpus, "--client-cpus")
 
 
 def _cpu_set(text: str | None, flag: str) -> set[int] | None:

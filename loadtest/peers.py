@@ -44,7 +44,7 @@ from ._peer_report import describe_judgement, judge, peer_table, ratios, summari
 from ._peer_servers import CbamServe, PyTriton, Served, TorchServe, copy_models_package
 from ._report import describe_machine
 from ._side_by_side import measure_side_by_side
-from .bench import _cpu_set, _int_list, doc_parser
+from .bench import _add_cpu_options, _cpu_sets, _int_list, doc_parser
 
 __all__ = ["main", "reference_probabilities"]
 
@@ -83,8 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     names = [name.strip() for name in args.servers.split(",") if name.strip()]
     try:
         concurrency = _int_list(args.concurrency or preset["concurrency"], "--concurrency")
-        server_cpus = _cpu_set(args.server_cpus, "--server-cpus")
-        client_cpus = _cpu_set(args.client_cpus, "--client-cpus")
+        server_cpus, client_cpus = _cpu_sets(args)
         problems = _preflight(names, args.peer_venvs)
     except ValueError as exc:
         parser.error(str(exc))
@@ -325,12 +324,11 @@ def _parser() -> argparse.ArgumentParser:
         metavar="LIST",
         help=f"concurrent callers, comma-separated (default {FULL['concurrency']})",
     )
-    parser.add_argument(
-        "--server-cpus",
-        metavar="LIST",
-        help="cores for every server, e.g. 0-1 (default: all; the same for all)",
+    _add_cpu_options(
+        parser,
+        server="cores for every server, e.g. 0-1 (default: all; the same for all)",
+        client="cores for h2load, e.g. 1 (default: all)",
     )
-    parser.add_argument("--client-cpus", metavar="LIST", help="cores for h2load, e.g. 1 (default: all)")
     parser.add_argument(
         "--peer-max-batch-size",
         type=int,

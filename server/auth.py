@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import grpc
 
-from server.interceptors import rebuild
+from server.interceptors import HandlerInterceptor, rebuild
 
 __all__ = ["BearerTokenInterceptor"]
 
@@ -21,7 +21,7 @@ def _digest(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
 
 
-class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
+class BearerTokenInterceptor(HandlerInterceptor):
     """Answers UNAUTHENTICATED to calls of ``services`` without "authorization: Bearer <token>"."""
 
     def __init__(
@@ -35,13 +35,10 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         self._prefixes = tuple(f"/{service}/" for service in services)
         self._on_refusal = on_refusal
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
+    def handler_for(
+        self, handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
-        if handler is None or not details.method.startswith(self._prefixes) or self._authorized(details):
+        if not details.method.startswith(self._prefixes) or self._authorized(details):
             return handler
         method = details.method.rpartition("/")[2]
         return _refusal(handler, lambda: self._on_refusal and self._on_refusal(method))

@@ -2,6 +2,7 @@
 call on the port gets, whatever its service (cbam.v1, health, reflection).
 
     rebuild(handler, behaviour, request_deserializer=None)   # the same kind of handler, new behaviour
+    HandlerInterceptor                                        # base: override handler_for(handler, details)
     TelemetryInterceptor(metrics, tracing)                    # first of the server's interceptors
 
 TelemetryInterceptor is the outermost wrapper, so what the others answer (UNAUTHENTICATED from
@@ -36,6 +37,7 @@ from server.tracing import Tracing
 __all__ = [
     "GRPC_CODE_NAMES",
     "HandlerCache",
+    "HandlerInterceptor",
     "TelemetryInterceptor",
     "call_type",
     "cancelled_status",
@@ -109,6 +111,25 @@ class HandlerCache:
         return entry[1]
 
 
+class HandlerInterceptor(grpc.aio.ServerInterceptor):
+    """A server interceptor that answers a call with the handler gRPC found for it or a wrapper of it.
+    Subclasses say which in ``handler_for``; a method gRPC has no handler for is left to gRPC."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(details)
+        return None if handler is None else self.handler_for(handler, details)
+
+    def handler_for(
+        self, handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler:
+        """The handler to run for the call ``details`` describes: ``handler`` itself, or a wrapper."""
+        raise NotImplementedError
+
+
 def cancelled_status(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
     """Why gRPC cancelled a handler: the deadline passed, or the client went away."""
     remaining = context.time_remaining()
@@ -179,7 +200,7 @@ class _MethodTelemetry:
         self.tracing.finish(span, code, details or "")
 
 
-class TelemetryInterceptor(grpc.aio.ServerInterceptor):
+class TelemetryInterceptor(HandlerInterceptor):
     """grpc_server_* metrics and (with tracing on) a server span for every call; put it first."""
 
     def __init__(self, metrics: ServerMetrics, tracing: Tracing = Tracing.OFF) -> None:
@@ -202,13 +223,10 @@ class TelemetryInterceptor(grpc.aio.ServerInterceptor):
                 family.labels(*labels)
             self._metrics.grpc_handled.labels(*labels, GRPC_CODE_NAMES[grpc.StatusCode.OK])
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
+    def handler_for(
+        self, handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
-        return None if handler is None else self._handlers.get(details.method, handler)
+        return self._handlers.get(details.method, handler)
 
 
 def _observed(handler: grpc.RpcMethodHandler, t: _MethodTelemetry) -> grpc.RpcMethodHandler:

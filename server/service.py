@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Iterable
 
 import grpc
 
@@ -14,7 +14,7 @@ from cbam.v1 import inference_pb2 as pb
 from cbam.v1 import inference_pb2_grpc
 from server.calls import Call, CallTracker, Failure, new_request_id, status_for
 from server.errors import InvalidInput
-from server.interceptors import HandlerCache, rebuild
+from server.interceptors import HandlerCache, HandlerInterceptor, rebuild
 from server.pipeline import InferencePipeline, Prediction, Query
 from server.postprocess import AttentionFormat, AttentionKind, AttentionQuery
 from server.preprocess import RawTensor
@@ -194,7 +194,7 @@ def _stream_reply(
     return pb.ClassifyStreamResponse(request_id=outcome.request_id, response=outcome)
 
 
-class ParseRequests(grpc.aio.ServerInterceptor):
+class ParseRequests(HandlerInterceptor):
     """Parses the requests of ``services`` here, so that bytes which are not a valid message get
     INVALID_ARGUMENT. gRPC's own deserialiser would answer UNKNOWN, naming a Python exception, and
     log an ERROR with a traceback for every such call: any client could flood the log."""
@@ -203,14 +203,11 @@ class ParseRequests(grpc.aio.ServerInterceptor):
         self._prefixes = tuple(f"/{service}/" for service in services)
         self._handlers = HandlerCache(lambda method, handler: _parsing(handler))
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
+    def handler_for(
+        self, handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
         ours = details.method.startswith(self._prefixes)
-        if handler is None or handler.request_deserializer is None or not ours:
+        if handler.request_deserializer is None or not ours:
             return handler
         return self._handlers.get(details.method, handler)
 

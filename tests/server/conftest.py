@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import io
 import threading
+from collections.abc import Awaitable
+from typing import TypeVar
 
 import numpy as np
 import pytest
@@ -12,6 +14,8 @@ from PIL import Image
 
 from server.app import InferenceServer
 from server.runner import ModelRunner
+
+T = TypeVar("T")
 
 
 def png(seed: int = 0, size: tuple[int, int] = (32, 32)) -> bytes:
@@ -42,6 +46,13 @@ class Gate:
 
     async def wait_entered(self, timeout: float = 60.0) -> None:
         assert await asyncio.to_thread(self._entered.wait, timeout), "no forward pass started"
+
+    async def hold(self, call: Awaitable[T]) -> asyncio.Future[T]:
+        """Close the gate, start ``call`` and return it once its forward pass is held at the gate."""
+        self.close()
+        held = asyncio.ensure_future(call)
+        await self.wait_entered()
+        return held
 
     def _pass(self, size: int) -> None:
         if self.closed:

@@ -43,6 +43,15 @@ def make(run, **kwargs) -> tuple[DynamicBatcher, ServerMetrics]:
     return batcher, metrics
 
 
+async def computing_first(**kwargs) -> tuple[Recorder, DynamicBatcher, ServerMetrics, asyncio.Task]:
+    """A batcher without batching delay whose first item, 0, is held computing in a blocked Recorder."""
+    run = Recorder(blocked=True)
+    batcher, metrics = make(run, max_batch_delay_s=0.0, **kwargs)
+    computing = asyncio.create_task(batcher.submit(0))
+    await run.started.wait()
+    return run, batcher, metrics, computing
+
+
 def sample(metrics: ServerMetrics, name: str, **labels) -> float:
     value = metrics.registry.get_sample_value(name, labels)
     return 0.0 if value is None else value
@@ -73,10 +82,7 @@ async def test_a_lone_item_waits_at_most_the_delay() -> None:
 
 
 async def test_the_next_batch_forms_while_one_computes() -> None:
-    run = Recorder(blocked=True)
-    batcher, metrics = make(run, max_batch_size=8, max_batch_delay_s=0.0)
-    first = asyncio.create_task(batcher.submit(0))
-    await run.started.wait()
+    run, batcher, metrics, first = await computing_first(max_batch_size=8)
     later = [asyncio.create_task(batcher.submit(i)) for i in range(1, 6)]
     await asyncio.sleep(0.01)
     assert batcher.depth == 5 and sample(metrics, "cbam_queue_depth") == 5
@@ -88,10 +94,7 @@ async def test_the_next_batch_forms_while_one_computes() -> None:
 
 
 async def test_full_queue_is_refused_at_once() -> None:
-    run = Recorder(blocked=True)
-    batcher, metrics = make(run, max_batch_size=1, max_queue=2, max_batch_delay_s=0.0)
-    computing = asyncio.create_task(batcher.submit(0))
-    await run.started.wait()
+    run, batcher, metrics, computing = await computing_first(max_batch_size=1, max_queue=2)
     queued = [asyncio.create_task(batcher.submit(i)) for i in (1, 2)]
     await asyncio.sleep(0)
     refused = batcher.submit(3)
@@ -104,10 +107,7 @@ async def test_full_queue_is_refused_at_once() -> None:
 
 
 async def test_expired_items_are_dropped_before_compute() -> None:
-    run = Recorder(blocked=True)
-    batcher, metrics = make(run, max_batch_size=4, max_batch_delay_s=0.0)
-    computing = asyncio.create_task(batcher.submit(0))
-    await run.started.wait()
+    run, batcher, metrics, computing = await computing_first(max_batch_size=4)
     doomed = asyncio.create_task(batcher.submit(1, deadline=time.monotonic() + 0.01))
     alive = asyncio.create_task(batcher.submit(2, deadline=time.monotonic() + 10))
     await asyncio.sleep(0.05)  # the first deadline passes while the item waits in the queue
@@ -133,10 +133,7 @@ async def test_a_batch_whose_every_item_expires_while_it_fills_leaves_the_batche
 
 
 async def test_cancelled_callers_are_dropped_before_compute() -> None:
-    run = Recorder(blocked=True)
-    batcher, metrics = make(run, max_batch_size=4, max_batch_delay_s=0.0)
-    computing = asyncio.create_task(batcher.submit(0))
-    await run.started.wait()
+    run, batcher, metrics, computing = await computing_first(max_batch_size=4)
     gone = asyncio.create_task(batcher.submit(1))
     stays = asyncio.create_task(batcher.submit(2))
     await asyncio.sleep(0)

@@ -95,9 +95,7 @@ async def test_a_batch_the_queue_cannot_hold_is_refused_whole(make_server, conne
         "--batching.max_batch_size", "1", "--batching.max_queue", "3", "--batching.max_batch_delay_ms", "0"
     )
     stub = connect(server)
-    gate.close()
-    computing = asyncio.ensure_future(stub.Classify(pb.ClassifyRequest(tensor=pixels(0))))
-    await gate.wait_entered()
+    computing = await gate.hold(stub.Classify(pb.ClassifyRequest(tensor=pixels(0))))
     queued = asyncio.ensure_future(stub.Classify(pb.ClassifyRequest(tensor=pixels(1))))
     await eventually(lambda: server.pipeline.batcher.depth == 1)
     with pytest.raises(grpc.aio.AioRpcError) as error:
@@ -127,9 +125,7 @@ async def test_deadline_in_the_queue_is_deadline_exceeded_and_not_computed(
 ) -> None:
     server = await make_server("--batching.max_batch_size", "1", "--batching.max_batch_delay_ms", "0")
     stub = connect(server)
-    gate.close()
-    first = asyncio.ensure_future(stub.Classify(pb.ClassifyRequest(tensor=pixels(0))))
-    await gate.wait_entered()
+    first = await gate.hold(stub.Classify(pb.ClassifyRequest(tensor=pixels(0))))
     items = [pb.ClassifyRequest(tensor=pixels(i)) for i in range(3)]
     with pytest.raises(grpc.aio.AioRpcError) as error:
         await stub.ClassifyBatch(pb.ClassifyBatchRequest(items=items), timeout=0.3)
@@ -149,10 +145,8 @@ async def test_deadline_in_the_queue_is_deadline_exceeded_and_not_computed(
 async def test_a_batch_taken_before_the_drain_is_answered_whole(make_server, connect, gate) -> None:
     server = await make_server("--batching.max_batch_size", "2", "--batching.max_batch_delay_ms", "0")
     stub = connect(server)
-    gate.close()
     items = [pb.ClassifyRequest(tensor=pixels(i)) for i in range(5)]
-    taken = asyncio.ensure_future(stub.ClassifyBatch(pb.ClassifyBatchRequest(items=items)))
-    await gate.wait_entered()
+    taken = await gate.hold(stub.ClassifyBatch(pb.ClassifyBatchRequest(items=items)))
     stopping = asyncio.ensure_future(server.stop(10))
     await eventually(lambda: server.calls.draining)
     gate.release()

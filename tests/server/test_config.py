@@ -104,9 +104,16 @@ def test_the_oip_group_defaults_to_serving_the_architectures_name(env) -> None:
     assert (s.oip.enabled, s.oip.model_name) == (False, "digits")
 
 
-def test_invalid_env_value_names_the_field(env) -> None:
-    env.set("CBAM_BATCHING__MAX_QUEUE", "-5")
-    with pytest.raises(ValidationError, match="batching.max_queue"):
+@pytest.mark.parametrize(
+    ("variable", "value", "field"),
+    [
+        ("CBAM_BATCHING__MAX_QUEUE", "-5", "batching.max_queue"),
+        ("CBAM_AUTH__TOKENS", '["two words"]', "auth.tokens"),  # a token with whitespace
+    ],
+)
+def test_invalid_env_value_names_the_field(env, variable: str, value: str, field: str) -> None:
+    env.set(variable, value)
+    with pytest.raises(ValidationError, match=field):
         load_settings([])
 
 
@@ -179,12 +186,6 @@ def test_tokens_file_adds_tokens_and_an_empty_one_is_refused(env, tmp_path: Path
     path.write_text("# none\n")
     with pytest.raises(ValidationError, match="auth"):
         load_settings(["--auth.tokens_file", str(path)])
-
-
-def test_token_with_whitespace_is_refused(env) -> None:
-    env.set("CBAM_AUTH__TOKENS", '["two words"]')
-    with pytest.raises(ValidationError, match="auth.tokens"):
-        load_settings([])
 
 
 def test_client_ca_without_requiring_certificates_is_refused(env, tmp_path: Path) -> None:

@@ -124,9 +124,7 @@ async def test_oversized_message_is_resource_exhausted(make_server, connect) -> 
 async def test_deadline_that_expires_in_the_queue_is_not_computed(make_server, connect, gate) -> None:
     server = await make_server("--batching.max_batch_size", "1", "--batching.max_batch_delay_ms", "0")
     stub = connect(server)
-    gate.close()
-    first = asyncio.ensure_future(stub.Classify(pb.ClassifyRequest(encoded=png())))
-    await gate.wait_entered()
+    first = await gate.hold(stub.Classify(pb.ClassifyRequest(encoded=png())))
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await stub.Classify(pb.ClassifyRequest(encoded=png(1)), timeout=0.3)
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -142,9 +140,7 @@ async def test_deadline_that_expires_in_the_queue_is_not_computed(make_server, c
 async def test_cancelled_call_is_not_computed(make_server, connect, gate) -> None:
     server = await make_server("--batching.max_batch_size", "1", "--batching.max_batch_delay_ms", "0")
     stub = connect(server)
-    gate.close()
-    first = asyncio.ensure_future(stub.Classify(pb.ClassifyRequest(encoded=png())))
-    await gate.wait_entered()
+    first = await gate.hold(stub.Classify(pb.ClassifyRequest(encoded=png())))
     call = stub.Classify(pb.ClassifyRequest(encoded=png(1)))
     await eventually(lambda: server.pipeline.batcher.depth == 1)
     call.cancel()
@@ -162,9 +158,7 @@ async def test_full_queue_answers_resource_exhausted_at_once(make_server, connec
         "--batching.max_batch_size", "1", "--batching.max_queue", "2", "--batching.max_batch_delay_ms", "0"
     )
     stub = connect(server)
-    gate.close()
-    computing = asyncio.ensure_future(stub.Classify(pb.ClassifyRequest(encoded=png())))
-    await gate.wait_entered()
+    computing = await gate.hold(stub.Classify(pb.ClassifyRequest(encoded=png())))
     queued = [asyncio.ensure_future(stub.Classify(pb.ClassifyRequest(encoded=png(i)))) for i in (1, 2)]
     await eventually(lambda: server.pipeline.batcher.depth == 2)
     started = time.monotonic()
@@ -297,9 +291,7 @@ async def test_tls_with_client_certificates(make_server, tmp_path) -> None:
 async def test_calls_arriving_while_draining_are_refused_unavailable(make_server, connect, gate) -> None:
     server = await make_server("--batching.max_batch_delay_ms", "0")
     stub = connect(server)
-    gate.close()
-    taken = asyncio.ensure_future(stub.Classify(pb.ClassifyRequest(encoded=png())))
-    await gate.wait_entered()
+    taken = await gate.hold(stub.Classify(pb.ClassifyRequest(encoded=png())))
     stopping = asyncio.ensure_future(server.stop(10))
     await eventually(lambda: server.calls.draining)
     with pytest.raises(grpc.aio.AioRpcError) as info:
@@ -366,9 +358,7 @@ async def test_attention_on_and_off_share_one_batch_and_get_what_they_asked(
     server = await make_server("--batching.max_batch_size", "8", "--batching.max_batch_delay_ms", "0")
     stub = connect(server)
     blocks = list(server.pipeline.description.attention_blocks)
-    gate.close()
-    blocker = asyncio.ensure_future(stub.Classify(pb.ClassifyRequest(encoded=png())))
-    await gate.wait_entered()
+    blocker = await gate.hold(stub.Classify(pb.ClassifyRequest(encoded=png())))
     asks = [
         pb.AttentionRequest(),
         pb.AttentionRequest(kind=pb.ATTENTION_KIND_CHANNEL, blocks=[blocks[0]]),
