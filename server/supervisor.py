@@ -129,8 +129,9 @@ def worker_count(settings: Settings) -> int:
     One process cannot spend much more than one core on the work that holds its interpreter lock (the
     event loop and gRPC's Python side: much of the 0.6-1.1 ms of CPU per one-image call outside the
     forward, docs/PERFORMANCE.md section 5), so a worker per few cores keeps that from capping the
-    server; fewer than 4 cores get one worker, as two on a 2-core machine took up to 37% more CPU per
-    image (each batches half the calls) for no clear throughput. The cap bounds the model replicas
+    server; fewer than 4 cores get one worker: two on a 2-core machine served the default model 1.19x
+    faster when nothing else ran, but 0.51x-1.29x beside other work, with up to 37% more CPU per image
+    (each batches half the calls); there the machine's owner knows best. The cap bounds the model replicas
     (and CUDA contexts) a large machine would otherwise get.
     """
     if settings.workers:
